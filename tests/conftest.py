@@ -72,3 +72,26 @@ def db_session(engine: sa.engine.Engine) -> Iterator[sa.orm.Session]:
         session.close()
         transaction.rollback()
         connection.close()
+
+
+@pytest.fixture
+def client(db_session: sa.orm.Session) -> Iterator[object]:
+    """An in-process API client whose requests share the test's rolled-back session."""
+    from fastapi.testclient import TestClient
+
+    from api.app import app
+    from api.deps import get_session
+
+    app.dependency_overrides[get_session] = lambda: db_session
+    with TestClient(app) as test_client:
+        yield test_client
+    app.dependency_overrides.clear()
+
+
+@pytest.fixture
+def admin_key(db_session: sa.orm.Session) -> str:
+    from domain.models import Kind, Level
+    from tests.factories import create_key, create_org
+
+    platform = create_org(db_session, level=Level.flemish, kind=Kind.platform)
+    return create_key(db_session, platform, "admin")

@@ -1,0 +1,65 @@
+"""Request-scoped dependencies: the database session and the authenticated caller."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from domain import keys
+from domain.audit import Actor
+from domain.db import get_sessionmaker
+from domain.errors import Forbidden, Unauthenticated
+
+
+def get_session() -> Iterator[Session]:
+    session = get_sessionmaker()()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("send an API key as 'Authorization: Bearer <key>'")
+    return token.strip()
+
+
+def authenticated(request: Request, session: SessionDep) -> Actor:
+    """Who is calling; 401 for a missing, unknown or revoked key."""
+    key, actor = keys.authenticate(session, _bearer(request))
+    request.state.actor = actor
+    from api.ratelimit import enforce_rate_limit
+
+    enforce_rate_limit(str(key.id))
+    if key.last_used_at is None or (keys.get_settings().now() - key.last_used_at).total_seconds() > 60:
+        keys.touch_last_used(session, key.id)
+    return actor
+
+
+CallerDep = Annotated[Actor, Depends(authenticated)]
+
+
+def require(*scopes: str) -> Callable[[Actor], Actor]:
+    """The caller must hold one of `scopes`. Checked before any lookup, so a 403 reveals
+    nothing about whether an id exists."""
+
+    def check(actor: CallerDep) -> Actor:
+        if not any(actor.has(s) for s in scopes):
+            raise Forbidden(f"this operation needs the scope {' or '.join(scopes)}")
+        return actor
+
+    return check
+
+
+AdminDep = Annotated[Actor, Depends(require("admin"))]
+PublisherDep = Annotated[Actor, Depends(require("publish"))]
+SubscriberDep = Annotated[Actor, Depends(require("subscribe"))]

@@ -1,0 +1,60 @@
+"""The Celery application, configured so that a killed worker loses no work.
+
+The guarantee itself lives in PostgreSQL (outbox rows, state guards, sweepers); these
+settings make the broker side lose as little as it can on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from domain.settings import Settings, get_settings
+
+
+def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
+    """The broker URL and transport options; `filesystem://` is the embedded default."""
+    url = settings.broker_url
+    if url.startswith("filesystem"):
+        folder = settings.broker_folder
+        for sub in ("out", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return url, {
+            "data_folder_in": str(folder / "out"),
+            "data_folder_out": str(folder / "out"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    # Above the longest task, so that Redis does not hand a running task to a second worker.
+    return url, {"visibility_timeout": 3600, "socket_timeout": 5, "socket_connect_timeout": 2}
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    url, options = broker_options(settings)
+    app = Celery("doorstroom", broker=url, include=["workers.tasks"])
+    app.conf.update(
+        broker_transport_options=options,
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        timezone=settings.timezone,
+        enable_utc=True,
+        task_default_queue="doorstroom",
+        task_time_limit=1800,
+        task_soft_time_limit=1700,
+        # Publishing must never hang on a dead broker: the outbox keeps the work instead.
+        broker_transport_options_publish_retry=False,
+        task_publish_retry=False,
+        worker_hijack_root_logger=False,
+        beat_schedule={},
+    )
+    return app
+
+
+celery_app = make_celery()
