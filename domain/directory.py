@@ -271,4 +271,4 @@ def list_topics(session: Session, *, include_deprecated: bool = True, parent: st
 def topic_slugs_by_id(session: Session, ids: set[uuid.UUID]) -> dict[uuid.UUID, str]:
     if not ids:
         return {}
-    return dict(session.execute(sa.select(Topic.id, Topic.slug).where(Topic.id.in_(ids))).tuples())
+    return dict(session.execute(sa.select(Topic.id, Topic.slug).where(Topic.id.in_(ids))).all())

@@ -13,6 +13,6 @@ class HealthFigures:
 
 
 def read_health_figures(session: Session) -> HealthFigures:
-    # The outbox arrives with the publishing pipeline; until then nothing waits in it.
-    session.connection()
-    return HealthFigures(oldest_outbox_age_seconds=0.0)
+    from domain.outbox import oldest_undispatched_age
+
+    return HealthFigures(oldest_outbox_age_seconds=oldest_undispatched_age(session))

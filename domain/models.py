@@ -146,3 +146,226 @@ class AuditEntry(Base):
     object_type: Mapped[str] = mapped_column(sa.String(50))
     object_id: Mapped[str | None] = mapped_column(sa.String(100), index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+
+
+# ------------------------------------------------------------------ the publishing pipeline
+
+
+class PreventionLevel(str, enum.Enum):
+    primary = "primary"
+    secondary = "secondary"
+    tertiary = "tertiary"
+    none = "none"
+
+
+class Role(str, enum.Enum):
+    all = "all"
+    mayor = "mayor"
+    livc_coordinator = "livc_coordinator"
+    prevention_officer = "prevention_officer"
+    policy_officer = "policy_officer"
+    education_contact = "education_contact"
+    welfare_contact = "welfare_contact"
+    police_contact = "police_contact"
+
+
+class Priority(str, enum.Enum):
+    routine = "routine"
+    important = "important"
+    urgent = "urgent"
+
+
+class Classification(str, enum.Enum):
+    public = "public"
+    internal = "internal"
+    restricted = "restricted"
+
+
+class Cadence(str, enum.Enum):
+    immediate = "immediate"
+    daily = "daily"
+    weekly = "weekly"
+
+
+class ChannelType(str, enum.Enum):
+    inbox = "inbox"
+    webhook = "webhook"
+    email = "email"
+    feed = "feed"
+
+
+class UpdateStatus(str, enum.Enum):
+    scheduled = "scheduled"
+    published = "published"
+    withdrawn = "withdrawn"
+
+
+class Update(Base):
+    """One version of an update. Versions of one update share `chain_id` (the first's id)."""
+
+    __tablename__ = "updates"
+    __table_args__ = (sa.UniqueConstraint("chain_id", "version"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=new_id)
+    chain_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, index=True)
+    version: Mapped[int] = mapped_column(sa.Integer, default=1)
+    supersedes_id: Mapped[uuid.UUID | None] = mapped_column(sa.ForeignKey("updates.id"))
+    publisher_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("organisations.id"), index=True)
+    title: Mapped[str] = mapped_column(sa.String(200))
+    summary: Mapped[str] = mapped_column(sa.Text, default="")
+    body: Mapped[str] = mapped_column(sa.Text, default="")
+    topics: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
+    prevention_level: Mapped[PreventionLevel] = mapped_column(
+        _enum(PreventionLevel, "prevention_level"))
+    target_roles: Mapped[list[str]] = mapped_column(sa.JSON, default=list)
+    #: Bit set of target roles (see domain.matching), so that SQL can match by intersection.
+    roles_mask: Mapped[int] = mapped_column(sa.Integer)
+    priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"))
+    classification: Mapped[Classification] = mapped_column(_enum(Classification, "classification"))
+    audience: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    links: Mapped[list[dict[str, Any]]] = mapped_column(sa.JSON, default=list)
+    language: Mapped[str] = mapped_column(sa.String(2), default="nl")
+    publish_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    status: Mapped[UpdateStatus] = mapped_column(_enum(UpdateStatus, "update_status"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    withdrawn_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Set by routing in the same transaction as the inbox rows it wrote: the state guard.
+    routed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    recipient_count: Mapped[int | None] = mapped_column(sa.Integer)
+
+
+class UpdateTopic(Base):
+    __tablename__ = "update_topics"
+
+    update_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("updates.id", ondelete="CASCADE"), primary_key=True)
+    topic_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("topics.id"), primary_key=True, index=True)
+
+
+class IdempotencyKey(Base):
+    """A client's `Idempotency-Key`, per organisation: in flight, then bound to its update."""
+
+    __tablename__ = "idempotency_keys"
+
+    organisation_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("organisations.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(sa.String(64))
+    update_id: Mapped[uuid.UUID | None] = mapped_column(sa.ForeignKey("updates.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class OutboxMessage(Base):
+    """Work to hand to the broker, written in the transaction that justifies it."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        sa.Index("ix_outbox_pending", "available_at",
+                 postgresql_where=sa.text("dispatched_at IS NULL"),
+                 sqlite_where=sa.text("dispatched_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True)
+    task: Mapped[str] = mapped_column(sa.String(100))
+    args: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: Not handed to the broker before this time (a scheduled publication).
+    available_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    dispatch_count: Mapped[int] = mapped_column(sa.Integer, default=0)
+    #: Set by the task when its work is committed; the sweeper re-dispatches rows without it.
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+
+
+class Subscription(Base):
+    __tablename__ = "subscriptions"
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=new_id)
+    organisation_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("organisations.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(sa.String(200))
+    #: The filter as the subscriber gave it; the columns below are its matchable form.
+    filter: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    has_topic_filter: Mapped[bool] = mapped_column(sa.Boolean)
+    has_publisher_filter: Mapped[bool] = mapped_column(sa.Boolean)
+    publisher_levels_mask: Mapped[int] = mapped_column(sa.Integer)
+    prevention_levels_mask: Mapped[int] = mapped_column(sa.Integer)
+    roles_mask: Mapped[int] = mapped_column(sa.Integer)
+    min_priority_rank: Mapped[int] = mapped_column(sa.Integer)
+    cadence: Mapped[Cadence] = mapped_column(_enum(Cadence, "cadence"))
+    send_at: Mapped[str | None] = mapped_column(sa.String(5))
+    weekday: Mapped[int | None] = mapped_column(sa.Integer)
+    include_directed: Mapped[bool] = mapped_column(sa.Boolean, default=True)
+    channel_type: Mapped[ChannelType] = mapped_column(_enum(ChannelType, "channel_type"))
+    channel: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    #: A capability URL token for the Atom feed (like a private calendar URL); rotatable.
+    feed_token: Mapped[str | None] = mapped_column(sa.String(64), unique=True)
+    active: Mapped[bool] = mapped_column(sa.Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class SubscriptionTopic(Base):
+    __tablename__ = "subscription_topics"
+
+    subscription_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("subscriptions.id", ondelete="CASCADE"), primary_key=True)
+    topic_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("topics.id"), primary_key=True, index=True)
+
+
+class SubscriptionPublisher(Base):
+    __tablename__ = "subscription_publishers"
+
+    subscription_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("subscriptions.id", ondelete="CASCADE"), primary_key=True)
+    publisher_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("organisations.id", ondelete="CASCADE"), primary_key=True, index=True)
+
+
+class RuleAction(str, enum.Enum):
+    route = "route"
+    suppress = "suppress"
+
+
+class RoutingRule(Base):
+    """Admin routing: matching updates also go to targets, or never reach them."""
+
+    __tablename__ = "routing_rules"
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    description: Mapped[str | None] = mapped_column(sa.Text)
+    action: Mapped[RuleAction] = mapped_column(_enum(RuleAction, "rule_action"))
+    filter: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    #: {"organisations": [ids], "groups": [ids], "provinces": [NIS codes]}
+    targets: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    active: Mapped[bool] = mapped_column(sa.Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class InboxItem(Base):
+    """One per (version chain, organisation): the recipient record. Shows the latest version
+    routed to the organisation, with every reason it arrived and its read/ack state."""
+
+    __tablename__ = "inbox_items"
+    __table_args__ = (
+        sa.Index("ix_inbox_items_org_received", "organisation_id", "received_at", "chain_id"),
+    )
+
+    chain_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
+    organisation_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("organisations.id", ondelete="CASCADE"), primary_key=True)
+    update_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("updates.id", ondelete="CASCADE"), index=True)
+    reasons: Mapped[list[dict[str, str]]] = mapped_column(sa.JSON)
+    needs_ack: Mapped[bool] = mapped_column(sa.Boolean)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

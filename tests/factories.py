@@ -33,3 +33,49 @@ def create_key(session: Session, org: Organisation | uuid.UUID, *scopes: str) ->
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def create_topic(session: Session, slug: str | None = None, parent: str | None = None):
+    slug = slug or f"topic-{next(_counter)}-{uuid.uuid4().hex[:6]}"
+    return directory.create_topic(session, SYSTEM, slug=slug, parent=parent,
+                                  name_nl=slug, name_en=slug)
+
+
+def actor_for(org: Organisation, *scopes: str):
+    from domain.audit import Actor
+
+    return Actor(org.id, None, frozenset(scopes or ("publish", "subscribe")))
+
+
+def create_subscription(session: Session, org: Organisation, **kwargs):
+    from domain import subscriptions
+
+    data = subscriptions.SubscriptionInput(filter=kwargs.pop("filter", {}), **kwargs)
+    return subscriptions.create_subscription(session, actor_for(org, "subscribe"), data)
+
+
+def publish_update(session: Session, publisher: Organisation, *, route: bool = True,
+                   idempotency_key: str | None = None, **kwargs):
+    """Publish through the use case and, unless route=False, route it in-process."""
+    from domain import publishing, routing
+
+    kwargs.setdefault("title", "An update")
+    draft = publishing.Draft(**kwargs)
+    update = publishing.publish(session, actor_for(publisher, "publish"), draft,
+                                idempotency_key=idempotency_key)
+    if route:
+        routing.route_update(session, update.id)
+    return update
+
+
+def create_rule(session: Session, *, action: str = "route", filter: dict | None = None,
+                targets: dict | None = None, name: str = "rule"):
+    from domain import rules
+
+    return rules.create_rule(session, SYSTEM, name=name, action=action, filter=filter or {},
+                             targets=targets or {})
+
+
+def create_group_with(session: Session, members: list[Organisation], name: str | None = None):
+    return directory.create_group(session, SYSTEM, name or f"group-{uuid.uuid4().hex[:8]}",
+                                  None, [m.id for m in members])

@@ -1,0 +1,79 @@
+"""The transactional outbox: work for the broker, written with the change that justifies it.
+
+`enqueue` adds a row inside the caller's transaction. The relay (`workers/relay.py`) hands
+committed rows to the broker, right after commit and by polling; a task marks its row
+completed in the same transaction as its work; the sweeper hands out again what was
+dispatched but never completed. So a broker outage delays work and loses none.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from domain.models import OutboxMessage
+from domain.settings import get_settings
+
+
+def enqueue(session: Session, task: str, args: dict[str, Any],
+            available_at: datetime | None = None) -> OutboxMessage:
+    now = get_settings().now()
+    message = OutboxMessage(task=task, args=args, created_at=now,
+                            available_at=available_at or now, dispatch_count=0)
+    session.add(message)
+    return message
+
+
+def claim_due(session: Session, limit: int = 500) -> list[OutboxMessage]:
+    """Rows due for dispatch, locked so that two relays do not both send them.
+
+    The caller sends them and calls `mark_dispatched` in the same transaction.
+    """
+    now = get_settings().now()
+    stmt = (sa.select(OutboxMessage)
+            .where(OutboxMessage.dispatched_at.is_(None), OutboxMessage.available_at <= now)
+            .order_by(OutboxMessage.id).limit(limit))
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    return list(session.scalars(stmt))
+
+
+def mark_dispatched(session: Session, ids: list[int]) -> None:
+    if ids:
+        session.execute(sa.update(OutboxMessage).where(OutboxMessage.id.in_(ids))
+                        .values(dispatched_at=get_settings().now(),
+                                dispatch_count=OutboxMessage.dispatch_count + 1))
+
+
+def mark_completed(session: Session, outbox_id: int | None) -> None:
+    """Called by a task inside the transaction that commits its work."""
+    if outbox_id is not None:
+        session.execute(sa.update(OutboxMessage).where(OutboxMessage.id == outbox_id)
+                        .where(OutboxMessage.completed_at.is_(None))
+                        .values(completed_at=get_settings().now()))
+
+
+def release_stuck(session: Session, stale_after: timedelta | None = None) -> int:
+    """Sweeper: make dispatched-but-unfinished rows due again (lost in a dead broker or a
+    killed worker). Tasks are idempotent, so a second run of finished work changes nothing."""
+    stale = stale_after or timedelta(seconds=get_settings().sweeper_stale_seconds)
+    cutoff = get_settings().now() - stale
+    result = session.execute(
+        sa.update(OutboxMessage)
+        .where(OutboxMessage.completed_at.is_(None), OutboxMessage.dispatched_at.is_not(None),
+               OutboxMessage.dispatched_at < cutoff)
+        .values(dispatched_at=None)
+    )
+    session.commit()
+    return result.rowcount or 0
+
+
+def oldest_undispatched_age(session: Session) -> float:
+    now = get_settings().now()
+    oldest = session.scalar(sa.select(sa.func.min(OutboxMessage.available_at))
+                            .where(OutboxMessage.dispatched_at.is_(None),
+                                   OutboxMessage.available_at <= now))
+    return max(0.0, (now - oldest).total_seconds()) if oldest else 0.0

@@ -1,0 +1,283 @@
+"""Publishing: new updates, corrections and withdrawals, with `Idempotency-Key` support.
+
+A publish writes the update, its topic rows and an outbox row in one transaction; routing
+happens later, in a worker (`domain/routing.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from domain import audit, matching, outbox
+from domain.errors import IdempotencyMismatch, InFlight, InvalidInput, NotFound
+from domain.filters import existing_organisations, topic_ids_for_slugs
+from domain.models import (
+    Classification,
+    Group,
+    IdempotencyKey,
+    InboxItem,
+    Organisation,
+    PreventionLevel,
+    Priority,
+    Role,
+    Update,
+    UpdateStatus,
+    UpdateTopic,
+    new_id,
+)
+from domain.pagination import Page, paginate
+from domain.settings import get_settings
+
+ROUTE_TASK = "routing.route_update"
+MAX_BODY_BYTES = 100 * 1024
+#: An in-flight idempotency key older than this belongs to a request that died: retry it.
+IN_FLIGHT_TIMEOUT = timedelta(seconds=60)
+
+
+@dataclass
+class Draft:
+    """An update as the publisher sends it (already shape-checked by the API)."""
+
+    title: str
+    topics: list[str]
+    priority: Priority = Priority.routine
+    classification: Classification = Classification.public
+    prevention_level: PreventionLevel = PreventionLevel.none
+    target_roles: list[Role] = field(default_factory=lambda: [Role.all])
+    summary: str = ""
+    body: str = ""
+    audience: dict[str, list[str]] | None = None
+    supersedes: uuid.UUID | None = None
+    publish_at: datetime | None = None
+    expires_at: datetime | None = None
+    links: list[dict[str, Any]] = field(default_factory=list)
+    language: str = "nl"
+
+    def fingerprint(self) -> str:
+        """A hash of the request's meaning, to recognise a retry of the same request."""
+        data = asdict(self)
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def validate_draft(session: Session, publisher_id: uuid.UUID, draft: Draft
+                   ) -> tuple[dict[str, uuid.UUID], dict[str, list[str]] | None]:
+    """Business checks on a draft; answers the topic ids and the canonical audience."""
+    if not draft.title.strip():
+        raise InvalidInput("title must not be empty", field="title")
+    if len(draft.title) > 200:
+        raise InvalidInput("title is at most 200 characters", field="title")
+    if len(draft.body.encode()) > MAX_BODY_BYTES:
+        raise InvalidInput("body is at most 100 kB of Markdown", field="body")
+    if not draft.topics:
+        raise InvalidInput("an update needs at least one topic", field="topics")
+    topic_ids = topic_ids_for_slugs(session, draft.topics)
+    now = get_settings().now()
+    publish_at = draft.publish_at or now
+    if draft.expires_at is not None and draft.expires_at <= publish_at:
+        raise InvalidInput("expires_at must be after publish_at", field="expires_at")
+    if draft.language not in ("nl", "fr", "en"):
+        raise InvalidInput("language is nl, fr or en", field="language")
+    audience = _canonical_audience(session, draft.audience)
+    if draft.classification is Classification.restricted and not audience:
+        raise InvalidInput("a restricted update needs an audience: it reaches exactly the "
+                           "organisations named there", field="audience")
+    return topic_ids, audience
+
+
+def _canonical_audience(session: Session, audience: dict[str, list[str]] | None
+                        ) -> dict[str, list[str]] | None:
+    if not audience:
+        return None
+    orgs = [_uuid(v, "audience.organisations") for v in audience.get("organisations") or []]
+    existing_organisations(session, orgs, "audience.organisations")
+    groups = [_uuid(v, "audience.groups") for v in audience.get("groups") or []]
+    if groups:
+        found = set(session.scalars(sa.select(Group.id).where(Group.id.in_(groups))))
+        missing = sorted(str(g) for g in set(groups) - found)
+        if missing:
+            raise InvalidInput(f"unknown groups: {', '.join(missing)}", field="audience.groups")
+    provinces = sorted(set(audience.get("provinces") or []))
+    if provinces:
+        known = set(session.scalars(sa.select(Organisation.province_nis)
+                                    .where(Organisation.province_nis.in_(provinces))))
+        missing = sorted(set(provinces) - known)
+        if missing:
+            raise InvalidInput(f"unknown provinces: {', '.join(missing)}",
+                               field="audience.provinces")
+    canonical = {"organisations": sorted({str(o) for o in orgs}),
+                 "groups": sorted({str(g) for g in groups}), "provinces": provinces}
+    return canonical if any(canonical.values()) else None
+
+
+def _uuid(value: str, field_name: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError as exc:
+        raise InvalidInput(f"{field_name}: {value!r} is not a valid id", field=field_name) from exc
+
+
+def publish(session: Session, actor: audit.Actor, draft: Draft,
+            idempotency_key: str | None = None) -> Update:
+    """Publish an update (or a correction, when `supersedes` is set).
+
+    With an `Idempotency-Key`: a retry with the same body answers the first update; another
+    body raises IdempotencyMismatch; a retry while the first is running raises InFlight.
+    Nothing changes in those cases. The key is claimed in its own short transaction so that
+    concurrent retries can see it.
+    """
+    assert actor.organisation_id is not None
+    if idempotency_key is None:
+        return _publish(session, actor, draft)
+    fingerprint = draft.fingerprint()
+    existing = _claim_idempotency_key(session, actor.organisation_id, idempotency_key,
+                                      fingerprint)
+    if existing is not None:
+        return existing
+    try:
+        update = _publish(session, actor, draft, idempotency_key=idempotency_key)
+    except BaseException:
+        session.rollback()
+        _release_idempotency_key(session, actor.organisation_id, idempotency_key)
+        raise
+    return update
+
+
+def _claim_idempotency_key(session: Session, organisation_id: uuid.UUID, key: str,
+                           fingerprint: str) -> Update | None:
+    now = get_settings().now()
+    session.add(IdempotencyKey(organisation_id=organisation_id, key=key,
+                               request_hash=fingerprint, created_at=now))
+    try:
+        session.commit()
+        return None
+    except IntegrityError:
+        session.rollback()
+    row = session.get(IdempotencyKey, (organisation_id, key), populate_existing=True)
+    if row is None:  # released between our insert and read: the first request failed
+        return _claim_idempotency_key(session, organisation_id, key, fingerprint)
+    if row.request_hash != fingerprint:
+        raise IdempotencyMismatch("this Idempotency-Key was used with a different request")
+    if row.completed_at is None:
+        if now - row.created_at < IN_FLIGHT_TIMEOUT:
+            raise InFlight("the first request with this Idempotency-Key is still running")
+        # The first request died without finishing or releasing: this retry takes over.
+        row.created_at = now
+        session.commit()
+        return None
+    update = session.get(Update, row.update_id)
+    assert update is not None
+    return update
+
+
+def _release_idempotency_key(session: Session, organisation_id: uuid.UUID, key: str) -> None:
+    try:
+        session.execute(sa.delete(IdempotencyKey).where(
+            IdempotencyKey.organisation_id == organisation_id, IdempotencyKey.key == key,
+            IdempotencyKey.completed_at.is_(None)))
+        session.commit()
+    except Exception:  # noqa: BLE001 - the stale-key takeover covers a failed release
+        session.rollback()
+
+
+def _publish(session: Session, actor: audit.Actor, draft: Draft,
+             idempotency_key: str | None = None) -> Update:
+    assert actor.organisation_id is not None
+    publisher = session.get(Organisation, actor.organisation_id)
+    assert publisher is not None
+    topic_ids, audience = validate_draft(session, publisher.id, draft)
+    now = get_settings().now()
+    update_id = new_id()
+    chain_id, version = update_id, 1
+    if draft.supersedes is not None:
+        previous = session.get(Update, draft.supersedes, with_for_update=True)
+        if previous is None or previous.publisher_id != publisher.id:
+            raise InvalidInput("supersedes must name one of your own updates",
+                               field="supersedes")
+        if previous.status is UpdateStatus.withdrawn:
+            raise InvalidInput("a withdrawn update cannot be corrected", field="supersedes")
+        chain_id = previous.chain_id
+        version = (session.scalar(sa.select(sa.func.max(Update.version))
+                                  .where(Update.chain_id == chain_id)) or 0) + 1
+    publish_at = draft.publish_at or now
+    update = Update(
+        id=update_id, chain_id=chain_id, version=version, supersedes_id=draft.supersedes,
+        publisher_id=publisher.id, title=draft.title.strip(), summary=draft.summary,
+        body=draft.body, topics=sorted(topic_ids), prevention_level=draft.prevention_level,
+        target_roles=sorted({r.value for r in draft.target_roles}) or [Role.all.value],
+        roles_mask=matching.roles_mask(draft.target_roles),
+        priority=draft.priority, classification=draft.classification, audience=audience,
+        links=draft.links, language=draft.language, publish_at=publish_at,
+        expires_at=draft.expires_at,
+        status=UpdateStatus.published if publish_at <= now else UpdateStatus.scheduled,
+        created_at=now,
+    )
+    session.add(update)
+    session.flush()
+    session.add_all(UpdateTopic(update_id=update.id, topic_id=t) for t in topic_ids.values())
+    outbox.enqueue(session, ROUTE_TASK, {"update_id": str(update.id)}, available_at=publish_at)
+    if idempotency_key is not None:
+        session.execute(sa.update(IdempotencyKey).where(
+            IdempotencyKey.organisation_id == publisher.id, IdempotencyKey.key == idempotency_key
+        ).values(update_id=update.id, completed_at=now))
+    audit.record(session, actor, "update.corrected" if draft.supersedes else "update.published",
+                 "update", update.id, chain_id=str(chain_id), version=version,
+                 classification=update.classification.value)
+    session.commit()
+    return update
+
+
+def withdraw(session: Session, actor: audit.Actor, update_id: uuid.UUID,
+             reason: str | None = None) -> Update:
+    """Withdraw an update's whole version chain (idempotent). Recipients keep the item,
+    marked withdrawn; push channels are told through the outbox."""
+    update = get_own_update(session, actor, update_id)
+    now = get_settings().now()
+    latest = latest_version(session, update.chain_id)
+    if latest.status is not UpdateStatus.withdrawn:
+        session.execute(sa.update(Update).where(Update.chain_id == update.chain_id)
+                        .values(status=UpdateStatus.withdrawn, withdrawn_at=now))
+        # Recipients see that it changed: the item moves up their inbox as unread news.
+        session.execute(sa.update(InboxItem).where(InboxItem.chain_id == update.chain_id)
+                        .values(received_at=now, read_at=None))
+        outbox.enqueue(session, "routing.announce_withdrawal",
+                       {"update_id": str(latest.id)})
+        audit.record(session, actor, "update.withdrawn", "update", latest.id,
+                     chain_id=str(update.chain_id), reason=reason)
+    session.commit()
+    session.refresh(latest)
+    return latest
+
+
+def get_own_update(session: Session, actor: audit.Actor, update_id: uuid.UUID) -> Update:
+    update = session.get(Update, update_id)
+    if update is None or update.publisher_id != actor.organisation_id:
+        raise NotFound("update not found")
+    return update
+
+
+def latest_version(session: Session, chain_id: uuid.UUID) -> Update:
+    latest = session.scalars(sa.select(Update).where(Update.chain_id == chain_id)
+                             .order_by(Update.version.desc()).limit(1)).one()
+    return latest
+
+
+def version_chain(session: Session, chain_id: uuid.UUID) -> list[Update]:
+    return list(session.scalars(sa.select(Update).where(Update.chain_id == chain_id)
+                                .order_by(Update.version)))
+
+
+def list_own_updates(session: Session, actor: audit.Actor, cursor: str | None,
+                     limit: int | None, status: UpdateStatus | None = None) -> Page[Update]:
+    stmt = sa.select(Update).where(Update.publisher_id == actor.organisation_id)
+    if status is not None:
+        stmt = stmt.where(Update.status == status)
+    return paginate(session, stmt, Update.id, cursor, limit, descending=True)
