@@ -9,7 +9,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import problems
 from api.metrics import REQUEST_LATENCY
-from api.routes import directory, health
+from api.routes import directory, health, inbox, rules, subscriptions, updates
 
 DESCRIPTION = """Doorstroom routes information updates from Flemish policy domains and federal
 bodies to the local governments that need them: publish once, reach every subscribed
@@ -73,6 +73,8 @@ def create_app() -> FastAPI:
     problems.install(app)
     app.include_router(health.router)
     app.include_router(directory.router)
+    for module in (updates, inbox, subscriptions, rules):
+        app.include_router(module.router)
 
     @app.middleware("http")
     async def observe_latency(request, call_next):  # type: ignore[no-untyped-def]

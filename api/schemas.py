@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
 
@@ -154,3 +154,234 @@ class TopicOut(Response):
     definition_nl: str
     definition_en: str
     deprecated: bool
+
+
+# --------------------------------------------------------------------------------- updates
+
+from domain.models import (  # noqa: E402
+    Cadence,
+    Classification,
+    PreventionLevel,
+    Priority,
+    Role,
+    UpdateStatus,
+)
+
+Title = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Markdown = Annotated[str, StringConstraints(max_length=100 * 1024)]
+
+
+class Audience(Request):
+    organisations: list[Id] = Field(default_factory=list, max_length=5000)
+    groups: list[Id] = Field(default_factory=list, max_length=100)
+    provinces: list[Nis] = Field(default_factory=list, max_length=10)
+
+
+class Link(Request):
+    url: Annotated[str, StringConstraints(max_length=2000, pattern=r"^https?://")]
+    title: Annotated[str, StringConstraints(max_length=300)] | None = None
+
+
+class UpdateCreate(Request):
+    title: Title
+    summary: Annotated[str, StringConstraints(max_length=2000)] = ""
+    body: Markdown = ""
+    topics: list[Slug] = Field(min_length=1, max_length=20)
+    prevention_level: PreventionLevel = PreventionLevel.none
+    target_roles: list[Role] = Field(default_factory=lambda: [Role.all], max_length=8)
+    priority: Priority = Priority.routine
+    classification: Classification = Classification.public
+    audience: Audience | None = None
+    supersedes: Id | None = None
+    publish_at: datetime | None = None
+    expires_at: datetime | None = None
+    links: list[Link] = Field(default_factory=list, max_length=20)
+    language: Literal["nl", "fr", "en"] = "nl"
+
+
+class UpdateAccepted(Response):
+    id: Id
+    chain_id: Id
+    version: int
+    status: UpdateStatus
+
+
+class VersionRef(Response):
+    id: Id
+    version: int
+    created_at: datetime
+
+
+class UpdateOut(Response):
+    id: Id
+    chain_id: Id
+    version: int
+    supersedes: Id | None
+    publisher_id: Id
+    title: str
+    summary: str | None
+    body: str | None
+    topics: list[str]
+    prevention_level: PreventionLevel
+    target_roles: list[Role]
+    priority: Priority
+    classification: Classification
+    audience: dict[str, list[str]] | None
+    links: list[dict[str, Any]]
+    language: str
+    publish_at: datetime
+    expires_at: datetime | None
+    status: UpdateStatus
+    created_at: datetime
+    withdrawn_at: datetime | None
+    recipient_count: int | None
+    versions: list[VersionRef] | None = None
+    notice: bool = Field(False, description="True when the content is withheld (restricted).")
+
+
+class WithdrawBody(Request):
+    reason: Annotated[str, StringConstraints(max_length=2000)] | None = None
+
+
+class Reason(Response):
+    kind: Literal["subscription", "rule", "audience"]
+    id: Id
+
+
+class ReachItem(Response):
+    organisation_id: Id
+    name: str
+    update_id: Id
+    reasons: list[Reason]
+    delivered_at: datetime | None
+    read_at: datetime | None
+    acked_at: datetime | None
+    needs_ack: bool
+
+
+class ReachTotals(Response):
+    recipients: int
+    delivered: int
+    read: int
+    acknowledged: int
+    needs_ack: int
+
+
+class ReachOut(Response):
+    items: list[ReachItem]
+    next_cursor: str | None
+    totals: ReachTotals
+
+
+class InboxItemOut(Response):
+    id: Id
+    update: UpdateOut
+    reasons: list[Reason]
+    received_at: datetime
+    delivered_at: datetime | None
+    read_at: datetime | None
+    acked_at: datetime | None
+    needs_ack: bool
+
+
+# --------------------------------------------------------------------------- subscriptions
+
+
+class FilterIn(Request):
+    topics: list[Slug] = Field(default_factory=list, max_length=100)
+    publishers: list[Id] = Field(default_factory=list, max_length=200)
+    publisher_levels: list[Level] = Field(default_factory=list, max_length=4)
+    prevention_levels: list[PreventionLevel] = Field(default_factory=list, max_length=4)
+    min_priority: Priority = Priority.routine
+    target_roles: list[Role] = Field(default_factory=list, max_length=8)
+
+
+class ChannelIn(Request):
+    type: Literal["inbox", "webhook", "email", "feed"]
+    endpoint_id: Id | None = None
+    address: Annotated[str, StringConstraints(max_length=320)] | None = None
+    language: Literal["nl", "fr", "en"] | None = None
+
+
+HHMM = Annotated[str, StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
+
+
+class SubscriptionCreate(Request):
+    name: Annotated[str, StringConstraints(max_length=200)] | None = None
+    filter: FilterIn = Field(default_factory=FilterIn)
+    cadence: Cadence = Cadence.immediate
+    send_at: HHMM | None = None
+    weekday: Annotated[int, Field(ge=1, le=7)] | None = None
+    include_directed: bool = True
+    channel: ChannelIn = Field(default_factory=lambda: ChannelIn(type="inbox"))
+
+
+class SubscriptionPatch(Request):
+    name: Annotated[str, StringConstraints(max_length=200)] | None = None
+    filter: FilterIn | None = None
+    cadence: Cadence | None = None
+    send_at: HHMM | None = None
+    weekday: Annotated[int, Field(ge=1, le=7)] | None = None
+    include_directed: bool | None = None
+    channel: ChannelIn | None = None
+    active: bool | None = None
+
+
+class SubscriptionOut(Response):
+    id: Id
+    name: str | None
+    filter: dict[str, Any]
+    cadence: Cadence
+    send_at: str | None
+    weekday: int | None
+    include_directed: bool
+    channel: dict[str, Any]
+    active: bool
+    feed_url: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+# --------------------------------------------------------------------------- routing rules
+
+
+class Targets(Request):
+    organisations: list[Id] = Field(default_factory=list, max_length=5000)
+    groups: list[Id] = Field(default_factory=list, max_length=100)
+    provinces: list[Nis] = Field(default_factory=list, max_length=10)
+
+
+class RuleCreate(Request):
+    name: ShortText
+    description: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    action: Literal["route", "suppress"] = "route"
+    filter: FilterIn = Field(default_factory=FilterIn)
+    targets: Targets
+
+
+class RuleOut(Response):
+    id: Id
+    name: str
+    description: str | None
+    action: Literal["route", "suppress"]
+    filter: dict[str, Any]
+    targets: dict[str, Any]
+    active: bool
+    created_at: datetime
+
+
+class PreviewIn(UpdateCreate):
+    publisher_id: Id | None = Field(None, description="Preview as this publisher "
+                                    "(default: the caller's organisation).")
+
+
+class PreviewRecipientOut(Response):
+    organisation_id: Id
+    name: str
+    reasons: list[Reason]
+
+
+class PreviewOut(Response):
+    items: list[PreviewRecipientOut]
+    next_cursor: str | None = None
+    total: int

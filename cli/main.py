@@ -83,10 +83,11 @@ def beat() -> None:
 
 
 def _beat_schedule_args() -> list[str]:
-    from domain.settings import VAR_DIR
+    from domain.settings import get_settings
 
-    VAR_DIR.mkdir(parents=True, exist_ok=True)
-    return [f"--schedule={VAR_DIR / 'celerybeat-schedule'}"]
+    schedule = get_settings().beat_schedule_file
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    return [f"--schedule={schedule}"]
 
 
 @org_app.command("create")

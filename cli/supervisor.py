@@ -37,12 +37,11 @@ def _wait_ready(url: str, timeout: float = 60.0) -> bool:
 
 
 def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+    # SIGTERM to each leader only: Celery's main process then lets its pool finish the
+    # running tasks (a group-wide signal would kill them mid-task). Stragglers get SIGKILL.
     for child in children:
         if child.poll() is None:
-            try:
-                os.killpg(child.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            child.terminate()
     deadline = time.monotonic() + _STOP_GRACE_SECONDS
     for child in children:
         try:

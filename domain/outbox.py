@@ -56,6 +56,11 @@ def mark_completed(session: Session, outbox_id: int | None) -> None:
                         .values(completed_at=get_settings().now()))
 
 
+#: A row dispatched this often without completing is a poison message: left for a human
+#: (it shows in the metrics) instead of being handed out forever.
+MAX_DISPATCHES = 10
+
+
 def release_stuck(session: Session, stale_after: timedelta | None = None) -> int:
     """Sweeper: make dispatched-but-unfinished rows due again (lost in a dead broker or a
     killed worker). Tasks are idempotent, so a second run of finished work changes nothing."""
@@ -64,7 +69,8 @@ def release_stuck(session: Session, stale_after: timedelta | None = None) -> int
     result = session.execute(
         sa.update(OutboxMessage)
         .where(OutboxMessage.completed_at.is_(None), OutboxMessage.dispatched_at.is_not(None),
-               OutboxMessage.dispatched_at < cutoff)
+               OutboxMessage.dispatched_at < cutoff,
+               OutboxMessage.dispatch_count < MAX_DISPATCHES)
         .values(dispatched_at=None)
     )
     session.commit()

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     #: `filesystem://` is kombu's file transport: a real broker that needs no server.
     broker_url: str = "filesystem://"
     broker_folder: Path = VAR_DIR / "broker"
+    #: Where the scheduler keeps its last-run times (one file per running scheduler).
+    beat_schedule_file: Path = VAR_DIR / "celerybeat-schedule"
     redis_url: str | None = None
     secret_key: str = "development-only-secret-key-change-me"
     smtp_url: str | None = None

@@ -52,7 +52,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_transport_options_publish_retry=False,
         task_publish_retry=False,
         worker_hijack_root_logger=False,
-        beat_schedule={},
+        beat_schedule={
+            # Backs up the relay thread's own sweeps (see workers/relay.py).
+            "outbox-sweep": {"task": "outbox.sweep", "schedule": settings.sweeper_stale_seconds},
+        },
     )
     return app
 

@@ -1,12 +1,28 @@
-"""Broker connectivity used by readiness and the outbox relay."""
+"""The outbox relay: hands committed outbox rows to the broker.
+
+Two paths: right after a commit (best-effort, short timeout, for latency) and a polling
+thread in the scheduler process that catches whatever the first path missed (a broker
+outage, a crash between commit and send) and runs the sweeper. When the broker is down,
+rows simply wait in PostgreSQL.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
+from domain import outbox
+from domain.db import session_scope
+from domain.models import OutboxMessage
+from domain.settings import get_settings
 from workers.celery_app import celery_app
 
 log = logging.getLogger("doorstroom.relay")
+
+#: After a failed send, skip the fast path for a moment rather than make every request wait.
+_BROKER_BACKOFF_SECONDS = 5.0
+_broker_down_until = 0.0
 
 
 def broker_reachable(timeout: float = 0.5) -> bool:
@@ -17,3 +33,73 @@ def broker_reachable(timeout: float = 0.5) -> bool:
     except Exception as exc:  # noqa: BLE001 - any failure means unreachable
         log.debug("broker unreachable: %s", exc)
         return False
+
+
+def _send(messages: list[OutboxMessage]) -> list[int]:
+    """Send what can be sent; answer the ids that reached the broker."""
+    global _broker_down_until
+    sent: list[int] = []
+    if not messages:
+        return sent
+    timeout = get_settings().relay_publish_timeout_seconds
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=0, timeout=timeout)
+            with celery_app.producer_or_acquire() as producer:
+                for message in messages:
+                    celery_app.send_task(message.task,
+                                         kwargs={**message.args, "outbox_id": message.id},
+                                         producer=producer, retry=False)
+                    sent.append(message.id)
+    except Exception as exc:  # noqa: BLE001 - the poller will try again
+        _broker_down_until = time.monotonic() + _BROKER_BACKOFF_SECONDS
+        log.warning("broker unavailable, %d outbox rows wait for the poller: %s",
+                    len(messages) - len(sent), type(exc).__name__)
+    return sent
+
+
+def dispatch_due(limit: int = 500) -> int:
+    """Claim due rows, send them and record the dispatch in one transaction."""
+    with session_scope() as session:
+        messages = outbox.claim_due(session, limit)
+        sent = _send(messages)
+        outbox.mark_dispatched(session, sent)
+        session.commit()
+    return len(sent)
+
+
+def dispatch_after_commit() -> None:
+    """The fast path, called right after a use case committed outbox rows. Never raises."""
+    if time.monotonic() < _broker_down_until:
+        return
+    try:
+        dispatch_due(limit=50)
+    except Exception as exc:  # noqa: BLE001 - best effort; the poller catches up
+        log.warning("dispatch after commit failed: %s", type(exc).__name__)
+
+
+def relay_forever(stop: threading.Event) -> None:
+    settings = get_settings()
+    last_sweep = 0.0
+    while not stop.is_set():
+        try:
+            while dispatch_due() > 0 and not stop.is_set():
+                pass
+            if time.monotonic() - last_sweep >= settings.sweeper_stale_seconds / 2:
+                with session_scope() as session:
+                    outbox.release_stuck(session)
+                last_sweep = time.monotonic()
+        except Exception as exc:  # noqa: BLE001 - keep relaying through outages
+            log.warning("outbox relay pass failed: %s", type(exc).__name__)
+        stop.wait(settings.outbox_poll_seconds)
+
+
+_relay_stop = threading.Event()
+
+
+def start_relay_thread() -> threading.Thread:
+    thread = threading.Thread(target=relay_forever, args=(_relay_stop,), name="outbox-relay",
+                              daemon=True)
+    thread.start()
+    log.info("outbox relay started")
+    return thread
