@@ -257,7 +257,9 @@ def route_update(session: Session, update_id: uuid.UUID,
                   sa.literal(update.id, sa.Uuid), grouped.c.reasons,
                   sa.literal(update.priority is Priority.urgent),
                   sa.literal(now, InboxItem.received_at.type),
-                  sa.literal(now, InboxItem.delivered_at.type)),
+                  sa.literal(now, InboxItem.delivered_at.type))
+        # SQLite needs a WHERE here to tell the upsert's ON CONFLICT from a join condition.
+        .where(sa.true()),
     )
     new_version = InboxItem.update_id != insert.excluded.update_id
     insert = insert.on_conflict_do_update(
@@ -272,7 +274,8 @@ def route_update(session: Session, update_id: uuid.UUID,
             "acked_at": sa.case((new_version, None), else_=InboxItem.acked_at),
         },
     )
-    count = session.execute(insert).rowcount or 0
+    # SQLAlchemy reports an INSERT's rowcount only when asked to (else -1 on PostgreSQL).
+    count = session.execute(insert.execution_options(preserve_rowcount=True)).rowcount or 0
     if update.version > 1 and update.classification is not Classification.restricted:
         # A correction reaches the earlier recipients again, even those it no longer matches.
         count += session.execute(
