@@ -40,8 +40,7 @@ def authenticated(request: Request, session: SessionDep) -> Actor:
     from api.ratelimit import enforce_rate_limit
 
     enforce_rate_limit(str(key.id))
-    if key.last_used_at is None or (keys.get_settings().now() - key.last_used_at).total_seconds() > 60:
-        keys.touch_last_used(session, key.id)
+    keys.touch_last_used(session, key)
     return actor
 
 

@@ -82,7 +82,8 @@ def _ensure_setup(session: Session) -> dict[str, Organisation]:
                           action="route",
                           filter={"topics": ["threat-level"], "publishers": [str(orgs["OCAD"].id)]},
                           targets={"provinces": FLEMISH_PROVINCES})
-        rules.create_rule(session, SYSTEM, name="Demo: oproepen actieplannen naar gefinancierde steden",
+        rules.create_rule(session, SYSTEM,
+                          name="Demo: oproepen actieplannen naar gefinancierde steden",
                           action="route", filter={"topics": ["action-plans"]},
                           targets={"groups": [str(group.id)]})
     return orgs

@@ -90,12 +90,14 @@ def authenticate(session: Session, presented: str) -> tuple[ApiKey, audit.Actor]
     return key, audit.Actor(key.organisation_id, key.id, frozenset(key.scopes))
 
 
-def touch_last_used(session: Session, key_id: uuid.UUID) -> None:
+def touch_last_used(session: Session, key: ApiKey) -> None:
     """Record use at most once a minute per key, so that reads do not all become writes."""
     now = get_settings().now()
+    if key.last_used_at is not None and now - key.last_used_at < _LAST_USED_GRANULARITY:
+        return
     session.execute(
         sa.update(ApiKey)
-        .where(ApiKey.id == key_id)
+        .where(ApiKey.id == key.id)
         .where(sa.or_(ApiKey.last_used_at.is_(None),
                       ApiKey.last_used_at < now - _LAST_USED_GRANULARITY))
         .values(last_used_at=now)

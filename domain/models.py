@@ -20,14 +20,14 @@ def new_id() -> uuid.UUID:
     return uuid.UUID(bytes=uuid_utils.uuid7().bytes)
 
 
-class Level(str, enum.Enum):
+class Level(enum.StrEnum):
     federal = "federal"
     flemish = "flemish"
     provincial = "provincial"
     local = "local"
 
 
-class Kind(str, enum.Enum):
+class Kind(enum.StrEnum):
     policy_domain = "policy_domain"
     agency = "agency"
     federal_body = "federal_body"
@@ -37,7 +37,7 @@ class Kind(str, enum.Enum):
     platform = "platform"
 
 
-class Scope(str, enum.Enum):
+class Scope(enum.StrEnum):
     publish = "publish"
     subscribe = "subscribe"
     admin = "admin"
@@ -151,14 +151,14 @@ class AuditEntry(Base):
 # ------------------------------------------------------------------ the publishing pipeline
 
 
-class PreventionLevel(str, enum.Enum):
+class PreventionLevel(enum.StrEnum):
     primary = "primary"
     secondary = "secondary"
     tertiary = "tertiary"
     none = "none"
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     all = "all"
     mayor = "mayor"
     livc_coordinator = "livc_coordinator"
@@ -169,32 +169,32 @@ class Role(str, enum.Enum):
     police_contact = "police_contact"
 
 
-class Priority(str, enum.Enum):
+class Priority(enum.StrEnum):
     routine = "routine"
     important = "important"
     urgent = "urgent"
 
 
-class Classification(str, enum.Enum):
+class Classification(enum.StrEnum):
     public = "public"
     internal = "internal"
     restricted = "restricted"
 
 
-class Cadence(str, enum.Enum):
+class Cadence(enum.StrEnum):
     immediate = "immediate"
     daily = "daily"
     weekly = "weekly"
 
 
-class ChannelType(str, enum.Enum):
+class ChannelType(enum.StrEnum):
     inbox = "inbox"
     webhook = "webhook"
     email = "email"
     feed = "feed"
 
 
-class UpdateStatus(str, enum.Enum):
+class UpdateStatus(enum.StrEnum):
     scheduled = "scheduled"
     published = "published"
     withdrawn = "withdrawn"
@@ -327,7 +327,7 @@ class SubscriptionPublisher(Base):
         sa.ForeignKey("organisations.id", ondelete="CASCADE"), primary_key=True, index=True)
 
 
-class RuleAction(str, enum.Enum):
+class RuleAction(enum.StrEnum):
     route = "route"
     suppress = "suppress"
 

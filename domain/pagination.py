@@ -86,7 +86,7 @@ def paginate(
 
 
 def _key_of(row: Any, key: sa.ColumnElement[Any]) -> Any:
-    name = getattr(key, "key", None) or getattr(key, "name")
+    name = getattr(key, "key", None) or key.name
     if hasattr(row, name):
         return getattr(row, name)
     return row[0] if isinstance(row, tuple) else getattr(row[0], name)

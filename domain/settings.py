@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,8 +56,8 @@ class Settings(BaseSettings):
     def now(self) -> datetime:
         """The platform clock: the configured instant, or the real UTC time."""
         if self.clock is not None:
-            return self.clock if self.clock.tzinfo else self.clock.replace(tzinfo=timezone.utc)
-        return datetime.now(timezone.utc)
+            return self.clock if self.clock.tzinfo else self.clock.replace(tzinfo=UTC)
+        return datetime.now(UTC)
 
 
 @lru_cache
