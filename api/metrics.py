@@ -12,6 +12,16 @@ OUTBOX_OLDEST_AGE = Gauge(
     "doorstroom_outbox_oldest_undispatched_age_seconds",
     "Age of the oldest outbox row not yet dispatched to the broker (0 when none).",
 )
+OUTBOX_UNDISPATCHED = Gauge(
+    "doorstroom_outbox_undispatched", "Outbox rows due but not yet handed to the broker.")
+OUTBOX_POISONED = Gauge(
+    "doorstroom_outbox_poisoned",
+    "Outbox rows dispatched too often without completing, left for an operator.")
+UPDATES_AWAITING_ROUTING = Gauge(
+    "doorstroom_updates_awaiting_routing", "Published updates not yet routed.")
+ROUTING_LATENCY = Gauge(
+    "doorstroom_routing_latency_seconds",
+    "Publish-to-routed latency over the last 15 minutes.", ["quantile"])
 REQUEST_LATENCY = Histogram(
     "doorstroom_http_request_duration_seconds", "HTTP request latency.", ["method", "route"]
 )
@@ -29,3 +39,10 @@ def refresh_gauges() -> None:
         log.warning("could not read metrics from the database: %s", type(exc).__name__)
         return
     OUTBOX_OLDEST_AGE.set(figures.oldest_outbox_age_seconds)
+    OUTBOX_UNDISPATCHED.set(figures.outbox_undispatched)
+    OUTBOX_POISONED.set(figures.outbox_poisoned)
+    UPDATES_AWAITING_ROUTING.set(figures.updates_awaiting_routing)
+    ordered = sorted(figures.routing_latency_seconds)
+    for q in (0.5, 0.99):
+        value = ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+        ROUTING_LATENCY.labels(str(q)).set(value)
