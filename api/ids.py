@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 from domain.errors import InvalidInput, NotFound
 
@@ -21,3 +22,13 @@ def parse_ref(value: str, field: str) -> uuid.UUID:
         return uuid.UUID(value)
     except (ValueError, AttributeError) as exc:
         raise InvalidInput(f"{field}: {value!r} is not a valid id", field=field) from exc
+
+
+def in_utc_range(value: datetime) -> bool:
+    """An aware instant that is still a valid datetime in UTC (year 1 to 9999): a date such
+    as 0001-01-01T00:00+14:00 parses, but cannot be stored or compared."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        return False
+    return True

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -50,8 +50,8 @@ def _parse_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         parsed = datetime.fromisoformat(at)
         if parsed.tzinfo is None:
             raise ValueError
-        return parsed, uuid.UUID(chain)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return parsed.astimezone(UTC), uuid.UUID(chain)
+    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise InvalidInput("the pagination cursor is not valid", parameter="cursor") from exc
 
 

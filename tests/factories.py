@@ -79,3 +79,19 @@ def create_rule(session: Session, *, action: str = "route", filter: dict | None 
 def create_group_with(session: Session, members: list[Organisation], name: str | None = None):
     return directory.create_group(session, SYSTEM, name or f"group-{uuid.uuid4().hex[:8]}",
                                   None, [m.id for m in members])
+
+
+def key_id_of(session: Session, plaintext: str) -> uuid.UUID:
+    """The id of the API key with this plaintext (as the audit log records it)."""
+    import sqlalchemy as sa
+
+    from domain.models import ApiKey
+
+    return session.scalars(sa.select(ApiKey.id)
+                           .where(ApiKey.key_hash == keys.hash_key(plaintext))).one()
+
+
+def org_with_key(session: Session, *scopes: str, **org_kwargs) -> tuple[Organisation, str]:
+    """An organisation and one API key for it (default scope: subscribe)."""
+    org = create_org(session, **org_kwargs)
+    return org, create_key(session, org, *scopes)

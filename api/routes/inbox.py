@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 
 from api.deps import SessionDep, SubscriberDep
-from api.ids import parse_id
+from api.ids import in_utc_range, parse_id
 from api.problems import responses
 from api.render import reasons_out, update_out
 from api.schemas import InboxItemOut, ListOf
@@ -38,6 +38,8 @@ def list_inbox(request: Request, response: Response, actor: SubscriberDep, sessi
     """Restricted items appear as notices here; open one to read it (audited)."""
     if since is not None and since.tzinfo is None:
         raise InvalidInput("since needs a time zone offset", parameter="since")
+    if since is not None and not in_utc_range(since):
+        raise InvalidInput("since is out of range", parameter="since")
     filters = inbox.InboxFilters(unread=unread, topic=topic, priority=priority,
                                  needs_ack=needs_ack, since=since,
                                  include_expired=include_expired)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from api.deps import CallerDep, PublisherDep, SessionDep
-from api.ids import parse_id, parse_ref
+from api.ids import in_utc_range, parse_id, parse_ref
 from api.pages import page_response
 from api.problems import responses
 from api.render import reasons_out, update_out
@@ -24,6 +24,14 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
 def draft_from(body: UpdateCreate) -> publishing.Draft:
+    """The domain's draft; refuses times without an offset or outside the UTC range (used by
+    publish and by the routing preview alike)."""
+    for field in ("publish_at", "expires_at"):
+        value = getattr(body, field)
+        if value is not None and value.tzinfo is None:
+            raise InvalidInput(f"{field} needs a time zone offset", field=field)
+        if value is not None and not in_utc_range(value):
+            raise InvalidInput(f"{field} is out of range", field=field)
     return publishing.Draft(
         title=body.title, summary=body.summary, body=body.body, topics=body.topics,
         prevention_level=body.prevention_level, target_roles=body.target_roles,
@@ -43,10 +51,6 @@ def publish_update(body: UpdateCreate, actor: PublisherDep, session: SessionDep,
     if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
         raise InvalidInput("Idempotency-Key is 1 to 200 visible ASCII characters",
                            header="Idempotency-Key")
-    for field in ("publish_at", "expires_at"):
-        value = getattr(body, field)
-        if value is not None and value.tzinfo is None:
-            raise InvalidInput(f"{field} needs a time zone offset", field=field)
     update = publishing.publish(session, actor, draft_from(body), idempotency_key)
     dispatch_after_commit()
     response.headers["Location"] = f"/v1/updates/{update.id}"
