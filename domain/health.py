@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from domain.models import OutboxMessage, Update
-from domain.outbox import MAX_DISPATCHES, oldest_undispatched_age
+from domain.outbox import POISON_DISPATCHES, oldest_undispatched_age
 from domain.settings import get_settings
 
 #: Routing latency is reported over the updates routed in this recent window.
@@ -37,7 +37,7 @@ def read_health_figures(session: Session) -> HealthFigures:
     poisoned = session.scalar(
         sa.select(sa.func.count()).select_from(OutboxMessage)
         .where(OutboxMessage.completed_at.is_(None),
-               OutboxMessage.dispatch_count >= MAX_DISPATCHES)) or 0
+               OutboxMessage.dispatch_count >= POISON_DISPATCHES)) or 0
     awaiting = session.scalar(
         sa.select(sa.func.count()).select_from(Update)
         .where(Update.routed_at.is_(None), Update.publish_at <= now,

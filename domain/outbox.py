@@ -56,25 +56,36 @@ def mark_completed(session: Session, outbox_id: int | None) -> None:
                         .values(completed_at=get_settings().now()))
 
 
-#: A row dispatched this often without completing is a poison message: left for a human
-#: (it shows in the metrics) instead of being handed out forever.
-MAX_DISPATCHES = 10
+#: A row dispatched this often without completing counts as poisoned in the metrics.
+POISON_DISPATCHES = 5
+#: The sweeper waits longer after each fruitless dispatch, doubling up to this many times
+#: (60 s stale period: at most about an hour between tries). It never gives up: a row is
+#: only finished by the task that completes it.
+_MAX_BACKOFF_DOUBLINGS = 6
 
 
 def release_stuck(session: Session, stale_after: timedelta | None = None) -> int:
     """Sweeper: make dispatched-but-unfinished rows due again (lost in a dead broker or a
-    killed worker). Tasks are idempotent, so a second run of finished work changes nothing."""
+    killed worker). Tasks are idempotent, so a second run of finished work changes nothing.
+    Rows that keep coming back wait exponentially longer, so a poison message cannot flood
+    its queue."""
     stale = stale_after or timedelta(seconds=get_settings().sweeper_stale_seconds)
-    cutoff = get_settings().now() - stale
-    result = session.execute(
-        sa.update(OutboxMessage)
-        .where(OutboxMessage.completed_at.is_(None), OutboxMessage.dispatched_at.is_not(None),
-               OutboxMessage.dispatched_at < cutoff,
-               OutboxMessage.dispatch_count < MAX_DISPATCHES)
-        .values(dispatched_at=None)
-    )
+    now = get_settings().now()
+    released = 0
+    for doublings in range(_MAX_BACKOFF_DOUBLINGS + 1):
+        dispatches = OutboxMessage.dispatch_count
+        tier = (dispatches >= doublings + 1 if doublings == _MAX_BACKOFF_DOUBLINGS
+                else dispatches == doublings + 1)
+        result = session.execute(
+            sa.update(OutboxMessage)
+            .where(OutboxMessage.completed_at.is_(None),
+                   OutboxMessage.dispatched_at.is_not(None),
+                   OutboxMessage.dispatched_at < now - stale * (2 ** doublings), tier)
+            .values(dispatched_at=None)
+        )
+        released += result.rowcount or 0
     session.commit()
-    return result.rowcount or 0
+    return released
 
 
 def oldest_undispatched_age(session: Session) -> float:

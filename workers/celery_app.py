@@ -41,6 +41,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # On a lost broker connection, give running tasks back (they are idempotent and
+        # acknowledged late) rather than finish them unacknowledged.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         task_serializer="json",
         accept_content=["json"],
         timezone=settings.timezone,
