@@ -1,4 +1,4 @@
-"""Push channels (webhook, e-mail) configured on subscriptions."""
+"""Push channels configured on subscriptions."""
 
 from __future__ import annotations
 
@@ -8,12 +8,19 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from domain.errors import InvalidInput
+from domain.models import WebhookEndpoint
 
 
 def check_webhook_channel(session: Session, organisation_id: uuid.UUID,
                           channel: dict[str, Any]) -> dict[str, Any]:
     """A webhook channel must name one of the organisation's own endpoints."""
-    # Webhook endpoints are registered through /v1/webhook-endpoints, which is not served yet:
-    # until then no endpoint id can be valid.
-    raise InvalidInput("webhook endpoints are not available yet; use inbox, feed or email",
-                       field="channel.endpoint_id")
+    try:
+        endpoint_id = uuid.UUID(str(channel.get("endpoint_id")))
+    except ValueError as exc:
+        raise InvalidInput("channel.endpoint_id must name one of your webhook endpoints",
+                           field="channel.endpoint_id") from exc
+    endpoint = session.get(WebhookEndpoint, endpoint_id)
+    if endpoint is None or endpoint.organisation_id != organisation_id:
+        raise InvalidInput("channel.endpoint_id must name one of your webhook endpoints",
+                           field="channel.endpoint_id")
+    return {"type": "webhook", "endpoint_id": str(endpoint.id)}

@@ -22,10 +22,11 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.functions import FunctionElement
 
-from domain import matching, outbox
+from domain import deliveries, events, matching, outbox
 from domain.filters import compile_stored_filter
 from domain.models import (
     Classification,
+    Delivery,
     GroupMember,
     InboxItem,
     Kind,
@@ -53,9 +54,12 @@ class reasons_agg(FunctionElement[Any]):  # noqa: N801 - reads like the SQL func
 
 @compiles(reasons_agg, "postgresql")
 def _reasons_agg_pg(element: reasons_agg, compiler: Any, **kw: Any) -> str:
+    # Built as text: kinds are a closed set of words and ids are UUIDs, so nothing needs
+    # escaping, and this is ~3x cheaper than json_agg(json_build_object(...)) at 1M rows.
     kind, source = list(element.clauses)
-    return (f"json_agg(json_build_object('kind', {compiler.process(kind, **kw)}, "
-            f"'id', {compiler.process(source, **kw)}))")
+    k, s = compiler.process(kind, **kw), compiler.process(source, **kw)
+    return ("('[' || string_agg('{\"kind\":\"' || " + k + " || '\",\"id\":\"' || "
+            + s + "::text || '\"}', ',') || ']')::json")
 
 
 @compiles(reasons_agg, "sqlite")
@@ -249,6 +253,10 @@ def route_update(session: Session, update_id: uuid.UUID,
         return RoutingResult(update_id, 0)
 
     plan = plan_for_update(session, update)
+    if session.get_bind().dialect.name == "postgresql":
+        # The planner overestimates the OR'd EXISTS filters and would JIT-compile a statement
+        # that runs in a few seconds; compiling costs more than it saves here.
+        session.execute(sa.text("SET LOCAL jit = off"))
     grouped = _grouped(plan).subquery("grouped")
     insert = _insert(session)(InboxItem).from_select(
         ["chain_id", "organisation_id", "update_id", "reasons", "needs_ack", "received_at",
@@ -261,8 +269,14 @@ def route_update(session: Session, update_id: uuid.UUID,
         # SQLite needs a WHERE here to tell the upsert's ON CONFLICT from a join condition.
         .where(sa.true()),
     )
+    # A first version of a chain has no inbox rows yet (the lock and `routed_at` see to
+    # that), so a plain INSERT will do; the upsert is for corrections and forced re-runs.
+    fresh_chain = update.version == 1 and session.scalar(
+        sa.select(sa.func.count()).select_from(
+            sa.select(InboxItem.organisation_id)
+            .where(InboxItem.chain_id == update.chain_id).limit(1).subquery())) == 0
     new_version = InboxItem.update_id != insert.excluded.update_id
-    insert = insert.on_conflict_do_update(
+    upsert = insert.on_conflict_do_update(
         index_elements=["chain_id", "organisation_id"],
         set_={
             "update_id": insert.excluded.update_id,
@@ -274,8 +288,9 @@ def route_update(session: Session, update_id: uuid.UUID,
             "acked_at": sa.case((new_version, None), else_=InboxItem.acked_at),
         },
     )
+    statement = insert if fresh_chain else upsert
     # SQLAlchemy reports an INSERT's rowcount only when asked to (else -1 on PostgreSQL).
-    count = session.execute(insert.execution_options(preserve_rowcount=True)).rowcount or 0
+    count = session.execute(statement.execution_options(preserve_rowcount=True)).rowcount or 0
     if update.version > 1 and update.classification is not Classification.restricted:
         # A correction reaches the earlier recipients again, even those it no longer matches.
         count += session.execute(
@@ -284,12 +299,37 @@ def route_update(session: Session, update_id: uuid.UUID,
             .values(update_id=update.id, received_at=now, delivered_at=now, read_at=None,
                     acked_at=None, needs_ack=update.priority is Priority.urgent)
         ).rowcount or 0
+    pushed = _create_push_deliveries(session, update, plan)
+    if pushed:
+        outbox.enqueue(session, deliveries.SEND_TASK, {})
+        outbox.enqueue(session, deliveries.SEND_EMAIL_TASK, {})
     update.routed_at = now
     update.recipient_count = count
     update.status = UpdateStatus.published
     outbox.mark_completed(session, outbox_id)
     session.commit()
     return RoutingResult(update_id, count)
+
+
+def _create_push_deliveries(session: Session, update: Update, plan: Plan) -> int:
+    """Deliveries for the recipients' webhook and e-mail subscriptions (see
+    `deliveries.create_update_deliveries`); a correction also goes to every subscription
+    that was pushed an earlier version."""
+    matched = matching_subscriptions(plan.facts).subquery()
+    subscription_ids = sa.select(matched.c.source)
+    if update.version > 1:
+        earlier = (sa.select(Delivery.subscription_id)
+                   .join(Update, Update.id == Delivery.update_id)
+                   .where(Update.chain_id == update.chain_id, Update.id != update.id))
+        subscription_ids = sa.union(subscription_ids, earlier)  # type: ignore[assignment]
+    directed = [targets.organisation_ids() for _, targets in plan.route_rules]
+    if plan.classification is Classification.restricted and plan.audience is not None:
+        directed.append(plan.audience.organisation_ids())
+    directed_orgs = (None if not directed else directed[0] if len(directed) == 1
+                     else sa.union(*directed))
+    event_type = events.CORRECTED if update.version > 1 else events.PUBLISHED
+    return deliveries.create_update_deliveries(session, update, subscription_ids,
+                                               directed_orgs, event_type)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

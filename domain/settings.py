@@ -43,6 +43,15 @@ class Settings(BaseSettings):
     outbox_poll_seconds: float = 2.0
     #: Work that has been dispatched but not finished after this long is dispatched again.
     sweeper_stale_seconds: float = 60.0
+    #: Webhooks: how long one attempt may take, how many requests one endpoint gets at
+    #: once, and how long an endpoint may fail without a success before it is disabled.
+    webhook_timeout_seconds: float = 10.0
+    webhook_per_endpoint_concurrency: int = 4
+    webhook_disable_after_seconds: float = 3 * 24 * 3600
+    #: How often the scheduler looks for deliveries whose retry time has come.
+    delivery_poll_seconds: float = 5.0
+    #: During a secret rotation the previous secret keeps signing this long.
+    webhook_secret_grace_seconds: float = 24 * 3600
     #: Fixed "now" for tests and demos (ISO 8601); unset means the real clock.
     clock: datetime | None = Field(default=None)
 

@@ -104,6 +104,7 @@ def create_subscription(session: Session, actor: audit.Actor,
         min_priority_rank=_rank(compiled.min_priority), cadence=data.cadence,
         send_at=send_at, weekday=weekday, include_directed=data.include_directed,
         channel_type=channel_type, channel=channel,
+        webhook_endpoint_id=_endpoint_id(channel),
         feed_token=secrets.token_urlsafe(32) if channel_type is ChannelType.feed else None,
         active=True, created_at=now, updated_at=now,
     )
@@ -144,6 +145,7 @@ def update_subscription(session: Session, actor: audit.Actor, subscription_id: u
         if channel_type is ChannelType.feed and sub.feed_token is None:
             sub.feed_token = secrets.token_urlsafe(32)
         sub.channel_type, sub.channel = channel_type, channel
+        sub.webhook_endpoint_id = _endpoint_id(channel)
     for simple in ("include_directed", "active", "name"):
         if simple in changes:
             setattr(sub, simple, changes[simple])
@@ -197,6 +199,10 @@ def _store_filter_rows(session: Session, subscription_id: uuid.UUID,
     session.add_all(SubscriptionPublisher(subscription_id=subscription_id, publisher_id=p)
                     for p in publisher_ids)
     session.flush()
+
+
+def _endpoint_id(channel: dict[str, Any]) -> uuid.UUID | None:
+    return uuid.UUID(channel["endpoint_id"]) if channel.get("type") == "webhook" else None
 
 
 def _rank(priority: Any) -> int:

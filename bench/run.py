@@ -1,0 +1,215 @@
+"""Run the benchmarks: `python -m bench.run [--quick] [--only P1]`.
+
+Full mode writes `bench/results.json` and `docs/benchmarks.md`. `--quick` runs tiny sizes in
+a few seconds (it is part of `make test`), writes `bench/results-quick.json` only, and exits 0
+when a target is missed: a miss is reported, only a crash of the benchmark itself fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import BENCH_DB, ROOT, Measurement, drop_database, machine, recreate_database
+
+RESULTS = ROOT / "bench" / "results.json"
+QUICK_RESULTS = ROOT / "bench" / "results-quick.json"
+DOCS = ROOT / "docs" / "benchmarks.md"
+WORKLOADS = ("P1",)
+#: Quick mode must stay bounded: no statement may run longer than this.
+QUICK_STATEMENT_TIMEOUT_MS = 60_000
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes; writes bench/results-quick.json only")
+    parser.add_argument("--only", action="append", metavar="WORKLOAD", type=str.upper,
+                        help=f"run only this workload (repeatable): {', '.join(WORKLOADS)}")
+    parser.add_argument("--sizes", type=lambda s: tuple(int(x) for x in s.split(",")),
+                        help="P1 sizes to run instead of the defaults, e.g. 100000,1000000 "
+                             "(writes nothing but the log)")
+    parser.add_argument("--runs", type=int, help="runs per side instead of the defaults")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"unknown workload(s): {', '.join(unknown)}; known: {', '.join(WORKLOADS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    selected = [w for w in WORKLOADS if not args.only or w in args.only]
+    # The quick run gets a database of its own, so that `make test` never disturbs (or is
+    # disturbed by) a full run in progress; it is dropped at the end.
+    db_name = f"{BENCH_DB}_quick_{os.getpid()}" if args.quick else BENCH_DB
+    started = time.perf_counter()
+    url = recreate_database(db_name)
+    # The product reads its settings once; point them at the benchmark database before any
+    # domain module is imported (routing itself only asks the settings for the clock).
+    os.environ["DOORSTROOM_DATABASE_URL"] = url
+    from domain import migrate
+    from domain.db import make_engine
+
+    migrate.upgrade(url)
+    options = f"-c statement_timeout={QUICK_STATEMENT_TIMEOUT_MS}" if args.quick else ""
+    engine = make_engine(url, connect_args={"connect_timeout": 5, "options": options})
+    measurements: list[Measurement] = []
+    try:
+        runners: dict[str, Callable[..., Measurement]] = {}
+        from bench import fanout
+
+        runners["P1"] = fanout.run
+        for workload in selected:
+            log(f"== {workload}")
+            measurements.append(runners[workload](engine, quick=args.quick, log=log,
+                                                  sizes=args.sizes, runs=args.runs))
+        info = machine(engine)
+    finally:
+        engine.dispose()
+        if args.quick:
+            drop_database(db_name)
+    elapsed = time.perf_counter() - started
+    rows = [row.as_json() for m in measurements for row in m.rows]
+    custom = args.sizes is not None or args.runs is not None
+    if args.quick:
+        write_json(QUICK_RESULTS, rows)
+        log(f"wrote {QUICK_RESULTS.relative_to(ROOT)}")
+    elif not custom:
+        write_json(RESULTS, merge_rows(RESULTS, rows, selected))
+        DOCS.write_text(render_docs(measurements, info, elapsed, argv_command(args)))
+        log(f"wrote {RESULTS.relative_to(ROOT)} and {DOCS.relative_to(ROOT)}")
+    for note in (n for m in measurements for n in m.notes):
+        log(note)
+    missed = [r["name"] for r in rows if not r["met"]]
+    log(f"done in {elapsed:.1f} s; {len(rows)} metrics, "
+        + (f"{len(missed)} target(s) missed: {'; '.join(missed)}" if missed else "all targets met"))
+    return 0
+
+
+def write_json(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def merge_rows(path: Path, rows: list[dict[str, Any]], selected: list[str]) -> list[dict[str, Any]]:
+    """With --only, keep the other workloads' rows from the previous results."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        previous = []
+    kept = [r for r in previous if isinstance(r, dict)
+            and str(r.get("name", "")).split(" ", 1)[0] not in selected]
+    return sorted(kept + rows, key=lambda r: str(r["name"]).split(" ", 1)[0])
+
+
+def argv_command(args: argparse.Namespace) -> str:
+    return ".venv/bin/python -m bench.run" + "".join(f" --only {w}" for w in args.only or ())
+
+
+def _fmt_s(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def render_docs(measurements: list[Measurement], info: dict[str, Any], elapsed: float,
+                command: str) -> str:
+    settings = ", ".join(f"{k}={v}" for k, v in info["postgresql_settings"].items())
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`.venv/bin/python -m bench.run`); do not edit by hand.",
+        "`bench/results.json` holds the same figures in the shared contract's format.",
+        "",
+        "## Machine",
+        "",
+        f"- Date: {info['date']}",
+        f"- CPU: {info['nproc']} × {info['cpu']}; memory {info['memory_gib']} GiB; "
+        f"load average at the end {', '.join(map(str, info['load_average']))} "
+        "(a shared machine: expect noise)",
+        f"- PostgreSQL {info['postgresql']} ({settings})",
+        f"- Python {info['python']}; commit {info['commit']}",
+        f"- Command: `{command}` ({elapsed:.0f} s in all, set-up included)",
+        "",
+    ]
+    for m in measurements:
+        if m.workload == "P1":
+            lines += _p1_section(m)
+    lines += [
+        "## Reproducing",
+        "",
+        "```",
+        "make bench                                   # everything, writes this file",
+        ".venv/bin/python -m bench.run --only P1      # one workload (others keep their rows)",
+        ".venv/bin/python -m bench.run --quick        # tiny sizes, bench/results-quick.json",
+        "```",
+        "",
+        "To see where routing's time goes, after a full run (it leaves its largest N "
+        f"loaded in `{BENCH_DB}`): `.venv/bin/python -m bench.profile_fanout` runs "
+        "`EXPLAIN (ANALYZE, BUFFERS)` on the exact statement `route_update` sends (captured "
+        "while routing a fresh update) in a rolled-back transaction; `--variant FILE.sql` "
+        "explains an alternative with the same parameters, `--set jit=off` adds a "
+        "`SET LOCAL` and `--before SQL` runs DDL first (all rolled back).",
+        "",
+        "The database server is `DOORSTROOM_BENCH_PG_URL` "
+        "(default `postgresql+psycopg://postgres@127.0.0.1:5432/postgres`); the benchmark "
+        f"drops and recreates the database `{BENCH_DB}` there (the quick run uses a "
+        "database of its own and drops it).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _p1_section(m: Measurement) -> list[str]:
+    lines = [
+        f"## P1: {m.title}",
+        "",
+        "**Measured**: `domain.routing.route_update(session, update_id)` from its call to its "
+        "commit, for an update (published through `domain.publishing.publish`, with one "
+        "topic) that all N subscriptions match. Each of the N subscriptions belongs to its "
+        "own organisation and has no filter (all mask bits, `min_priority_rank` 0, cadence "
+        "immediate, inbox channel, active); organisations and subscriptions are loaded with "
+        "COPY before timing.",
+        "",
+        "**Baseline** (shares none of the routing code): in the same database and run, "
+        "`CREATE TABLE bench_baseline (LIKE inbox_items INCLUDING ALL)` (same columns, "
+        "primary key and indexes; LIKE copies no foreign keys) and "
+        "`INSERT INTO bench_baseline (chain_id, organisation_id, update_id, reasons, "
+        "needs_ack, received_at, delivered_at) SELECT <chain>, id, <update>, '[]'::json, "
+        "false, now(), now() FROM bench_recipients` plus its commit, where "
+        "`bench_recipients` is a table of the N recipient ids prepared before timing.",
+        "",
+        "**Method**: before every timed run both target tables are emptied (TRUNCATE), "
+        "vacuumed and analysed, and a CHECKPOINT is taken; baseline and routing alternate "
+        "(baseline first in odd runs, routing first in even ones); the figure is the median "
+        "of the runs. Target: routing / baseline ≤ 1.5.",
+        "",
+        "| N | runs | routing (s, median) | baseline (s, median) | ratio | target | met |",
+        "|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for row, d in zip(m.rows, m.detail, strict=True):
+        lines.append(f"| {d['n']:,} | {d['runs']} | {_fmt_s(row.value)} | "
+                     f"{_fmt_s(row.baseline or 0)} | {row.ratio:.2f} | ≤ {row.target} | "
+                     f"{'yes' if row.met else '**no**'} |")
+    lines += ["", "All samples (seconds):", ""]
+    for d in m.detail:
+        lines.append(f"- N={d['n']:,}: routing "
+                     f"{', '.join(_fmt_s(x) for x in d['routing_s'])}; baseline "
+                     f"{', '.join(_fmt_s(x) for x in d['baseline_s'])} "
+                     f"(load {d['load_s']:.1f} s)")
+    lines += [""] + m.notes + ([""] if m.notes else [])
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""Push deliveries (webhook, e-mail): creation, claiming, outcomes, retries and replay.
+
+A delivery is one logical push of one event to one subscription's channel; its attempts are
+rows of their own. Retries are scheduled in the database (`next_attempt_at`), never as
+far-future broker messages: a periodic sender picks up whatever is due.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.functions import FunctionElement
+
+from domain import audit, events, outbox
+from domain.errors import InvalidInput, NotFound
+from domain.models import (
+    Cadence,
+    ChannelType,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    InboxItem,
+    Organisation,
+    Priority,
+    Subscription,
+    Update,
+    WebhookEndpoint,
+)
+from domain.settings import get_settings
+
+SEND_TASK = "deliveries.send_due"
+SEND_EMAIL_TASK = "email.send_due"
+#: Retry delays grow from 10 s by a factor of 3, capped at 6 h, jittered by ±20 %; a
+#: delivery still failing 72 h after creation is given up (about 16 attempts).
+FIRST_RETRY = timedelta(seconds=10)
+MAX_RETRY_DELAY = timedelta(hours=6)
+RETRY_HORIZON = timedelta(hours=72)
+LEASE = timedelta(seconds=120)
+
+
+class new_uuid(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it is
+    type = sa.Uuid()
+    inherit_cache = True
+
+
+@compiles(new_uuid, "postgresql")
+def _new_uuid_pg(_element: new_uuid, _compiler: Any, **_kw: Any) -> str:
+    return "gen_random_uuid()"
+
+
+@compiles(new_uuid, "sqlite")
+def _new_uuid_sqlite(_element: new_uuid, _compiler: Any, **_kw: Any) -> str:
+    return "lower(hex(randomblob(16)))"  # SQLAlchemy keeps UUIDs as 32 hex digits there
+
+
+class new_message_id(FunctionElement[Any]):  # noqa: N801
+    type = sa.String()
+    inherit_cache = True
+
+
+@compiles(new_message_id, "postgresql")
+def _msg_pg(_element: new_message_id, _compiler: Any, **_kw: Any) -> str:
+    return "'msg_' || replace(gen_random_uuid()::text, '-', '')"
+
+
+@compiles(new_message_id, "sqlite")
+def _msg_sqlite(_element: new_message_id, _compiler: Any, **_kw: Any) -> str:
+    return "'msg_' || lower(hex(randomblob(16)))"
+
+
+# ------------------------------------------------------------------------------- creation
+
+
+def create_update_deliveries(session: Session, update: Update, subscription_ids: sa.Select[Any],
+                             directed_orgs: sa.Select[Any] | None, event_type: str) -> int:
+    """One statement: a delivery for every push subscription that should get this version
+    now. A subscription qualifies when its organisation received the update and either its
+    filter matched (`subscription_ids`) or it takes directed updates and the organisation
+    was reached by a rule or the audience. Daily and weekly subscriptions wait for their
+    bundle, except for urgent updates. Repeats are absorbed by the unique key."""
+    publisher = session.get(Organisation, update.publisher_id)
+    assert publisher is not None
+    now = get_settings().now()
+    payload = events.update_event(update, publisher, event_type, now)
+    s = Subscription
+    reached = sa.or_(s.id.in_(subscription_ids),
+                     sa.and_(s.include_directed.is_(True), s.organisation_id.in_(directed_orgs))
+                     if directed_orgs is not None else sa.false())
+    cadence_ok = (sa.true() if update.priority is Priority.urgent
+                  else s.cadence == Cadence.immediate)
+    select = (
+        sa.select(new_uuid(), new_message_id(), s.organisation_id, s.id,
+                  s.webhook_endpoint_id,
+                  sa.literal(update.id, sa.Uuid), s.channel_type,
+                  sa.literal(event_type),
+                  sa.case((s.channel_type == ChannelType.webhook, payload), else_=sa.null()),
+                  sa.literal(DeliveryStatus.pending.value), sa.literal(0),
+                  sa.literal(now, Delivery.next_attempt_at.type),
+                  sa.literal(now, Delivery.created_at.type))
+        .join(InboxItem, sa.and_(InboxItem.organisation_id == s.organisation_id,
+                                 InboxItem.chain_id == update.chain_id,
+                                 InboxItem.update_id == update.id))
+        .where(s.channel_type.in_([ChannelType.webhook, ChannelType.email]),
+               s.active.is_(True), s.suspended_at.is_(None), cadence_ok, reached)
+    )
+    return _insert_deliveries(session, select)
+
+
+def _insert_deliveries(session: Session, select: sa.Select[Any]) -> int:
+    columns = ["id", "message_id", "organisation_id", "subscription_id", "endpoint_id",
+               "update_id", "channel", "event_type", "payload", "status", "attempt_count",
+               "next_attempt_at", "created_at"]
+    insert = _dialect_insert(session)(Delivery).from_select(columns, select.where(sa.true()))
+    insert = insert.on_conflict_do_nothing(
+        index_elements=["update_id", "subscription_id", "event_type"])
+    count = session.execute(insert.execution_options(preserve_rowcount=True)).rowcount or 0
+    return max(count, 0)
+
+
+def _dialect_insert(session: Session) -> Any:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return (postgresql.insert if session.get_bind().dialect.name == "postgresql"
+            else sqlite.insert)
+
+
+def create_withdrawal_deliveries(session: Session, update: Update) -> int:
+    """Tell every push subscription that was sent a version of this chain that it is
+    withdrawn (idempotent through the unique key)."""
+    publisher = session.get(Organisation, update.publisher_id)
+    assert publisher is not None
+    now = get_settings().now()
+    payload = events.update_event(update, publisher, events.WITHDRAWN, now)
+    earlier = (sa.select(Delivery.subscription_id).join(Update, Update.id == Delivery.update_id)
+               .where(Update.chain_id == update.chain_id,
+                      Delivery.event_type.in_([events.PUBLISHED, events.CORRECTED]),
+                      Delivery.status != DeliveryStatus.skipped))
+    s = Subscription
+    select = sa.select(
+        new_uuid(), new_message_id(), s.organisation_id, s.id, s.webhook_endpoint_id,
+        sa.literal(update.id, sa.Uuid), s.channel_type, sa.literal(events.WITHDRAWN),
+        sa.case((s.channel_type == ChannelType.webhook, payload), else_=sa.null()),
+        sa.literal(DeliveryStatus.pending.value), sa.literal(0),
+        sa.literal(now, Delivery.next_attempt_at.type),
+        sa.literal(now, Delivery.created_at.type),
+    ).where(s.id.in_(earlier), s.active.is_(True), s.suspended_at.is_(None))
+    return _insert_deliveries(session, select)
+
+
+# ------------------------------------------------------------------------------- sending
+
+
+@dataclass(frozen=True)
+class WebhookSend:
+    """Everything a sender needs for one attempt, read in the claiming transaction."""
+
+    delivery_id: uuid.UUID
+    message_id: str
+    endpoint_id: uuid.UUID
+    url: str
+    #: Current secret first; during a rotation's grace period the previous one too.
+    secrets: tuple[str, ...]
+    payload: str
+    event_type: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    delivery_id: uuid.UUID
+    at: datetime
+    latency_ms: int | None
+    status_code: int | None = None
+    error: str | None = None
+    #: Seconds from a 429/503 `Retry-After` header.
+    retry_after: float | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+    @property
+    def retryable(self) -> bool:
+        """Network errors, timeouts, 5xx and 429 are worth another try; other 4xx are not."""
+        if self.status_code is None:
+            return True
+        return self.status_code >= 500 or self.status_code in (408, 429)
+
+
+def next_retry_at(attempts: int, created_at: datetime, now: datetime,
+                  retry_after: float | None = None,
+                  rng: random.Random | None = None) -> datetime | None:
+    """When to try again after `attempts` failed tries, or None when retries are over."""
+    rng = rng or random.Random()
+    base = min(MAX_RETRY_DELAY, FIRST_RETRY * (3 ** max(0, attempts - 1)))
+    delay = base * rng.uniform(0.8, 1.2)
+    if retry_after is not None:
+        delay = max(delay, timedelta(seconds=min(retry_after, MAX_RETRY_DELAY.total_seconds())))
+    when = now + delay
+    return None if when > created_at + RETRY_HORIZON else when
+
+
+def claim_due_webhooks(session: Session, limit: int = 500) -> list[WebhookSend]:
+    """Lease up to `limit` due webhook deliveries to this sender and commit the lease.
+
+    `FOR UPDATE SKIP LOCKED` lets several senders work side by side; a sender that dies
+    leaves leases that simply run out. Deliveries to endpoints that do not take the event
+    type are marked skipped."""
+    from domain.secrets import decrypt
+
+    now = get_settings().now()
+    stmt = (sa.select(Delivery, WebhookEndpoint)
+            .join(WebhookEndpoint, WebhookEndpoint.id == Delivery.endpoint_id)
+            .where(Delivery.status == DeliveryStatus.pending,
+                   Delivery.channel == ChannelType.webhook,
+                   Delivery.next_attempt_at <= now,
+                   sa.or_(Delivery.leased_until.is_(None), Delivery.leased_until < now),
+                   WebhookEndpoint.enabled.is_(True))
+            .order_by(Delivery.next_attempt_at).limit(limit))
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(of=Delivery, skip_locked=True)
+    claimed: list[WebhookSend] = []
+    secrets_cache: dict[uuid.UUID, tuple[str, ...]] = {}
+    for delivery, endpoint in session.execute(stmt).all():
+        if endpoint.event_types and delivery.event_type not in endpoint.event_types:
+            delivery.status = DeliveryStatus.skipped
+            continue
+        if endpoint.id not in secrets_cache:
+            keys = [decrypt(endpoint.secret_ciphertext)]
+            if (endpoint.previous_secret_ciphertext and endpoint.previous_secret_expires_at
+                    and endpoint.previous_secret_expires_at > now):
+                keys.append(decrypt(endpoint.previous_secret_ciphertext))
+            secrets_cache[endpoint.id] = tuple(keys)
+        delivery.leased_until = now + LEASE
+        claimed.append(WebhookSend(delivery.id, delivery.message_id, endpoint.id, endpoint.url,
+                                   secrets_cache[endpoint.id], delivery.payload or "",
+                                   delivery.event_type))
+    session.commit()
+    return claimed
+
+
+def record_outcomes(session: Session, outcomes: list[Outcome]) -> None:
+    """Store every attempt and move each delivery on: succeeded, retry later, or failed.
+
+    A 410 disables the endpoint. An endpoint failing without a success for longer than
+    `webhook_disable_after` is disabled and its organisation told. Commits once."""
+    if not outcomes:
+        return
+    settings = get_settings()
+    now = settings.now()
+    session.add_all(DeliveryAttempt(delivery_id=o.delivery_id, at=o.at, latency_ms=o.latency_ms,
+                                    status_code=o.status_code,
+                                    error=(o.error or "")[:1000] or None) for o in outcomes)
+    deliveries = {d.id: d for d in session.scalars(
+        sa.select(Delivery).where(Delivery.id.in_([o.delivery_id for o in outcomes])))}
+    endpoint_results: dict[uuid.UUID, list[Outcome]] = {}
+    for outcome in outcomes:
+        delivery = deliveries[outcome.delivery_id]
+        delivery.attempt_count += 1
+        delivery.last_attempt_at = outcome.at
+        delivery.last_status_code = outcome.status_code
+        delivery.last_error = (outcome.error or "")[:1000] or None
+        delivery.leased_until = None
+        if outcome.succeeded:
+            delivery.status = DeliveryStatus.succeeded
+            delivery.succeeded_at = outcome.at
+            delivery.next_attempt_at = None
+        elif outcome.retryable:
+            delivery.next_attempt_at = next_retry_at(delivery.attempt_count, delivery.created_at,
+                                                     now, outcome.retry_after)
+            if delivery.next_attempt_at is None:
+                delivery.status = DeliveryStatus.failed
+        else:
+            delivery.status = DeliveryStatus.failed
+            delivery.next_attempt_at = None
+        if delivery.endpoint_id is not None:
+            endpoint_results.setdefault(delivery.endpoint_id, []).append(outcome)
+    for endpoint_id, results in endpoint_results.items():
+        _update_endpoint_health(session, endpoint_id, results, now)
+    session.commit()
+
+
+def _update_endpoint_health(session: Session, endpoint_id: uuid.UUID, results: list[Outcome],
+                            now: datetime) -> None:
+    endpoint = session.get(WebhookEndpoint, endpoint_id)
+    if endpoint is None:
+        return
+    if any(r.status_code == 410 for r in results):
+        _disable(session, endpoint, "the receiver answered 410 Gone", now)
+        return
+    if any(r.succeeded for r in results):
+        endpoint.failing_since = None
+        endpoint.last_success_at = now
+        return
+    endpoint.failing_since = endpoint.failing_since or now
+    limit = timedelta(seconds=get_settings().webhook_disable_after_seconds)
+    if now - endpoint.failing_since >= limit:
+        since = f"{endpoint.failing_since:%Y-%m-%d %H:%M} UTC"
+        _disable(session, endpoint, f"every delivery failed since {since}", now)
+
+
+def _disable(session: Session, endpoint: WebhookEndpoint, reason: str, now: datetime) -> None:
+    if not endpoint.enabled:
+        return
+    endpoint.enabled = False
+    endpoint.disabled_at = now
+    endpoint.disabled_reason = reason
+    audit.record(session, audit.SYSTEM, "webhook_endpoint.disabled", "webhook_endpoint",
+                 endpoint.id, reason=reason)
+    from domain.notices import notify_organisation
+
+    notify_organisation(
+        session, endpoint.organisation_id,
+        title="Webhook endpoint disabled",
+        body=(f"Doorstroom stopped sending to {endpoint.url}: {reason}. Updates still reach "
+              "your inbox. Fix the receiver, then re-enable the endpoint "
+              "(PATCH /v1/webhook-endpoints/{id} with enabled: true) and replay what failed "
+              "(POST …/replay)."),
+    )
+
+
+def pending_due_count(session: Session) -> int:
+    now = get_settings().now()
+    return session.scalar(sa.select(sa.func.count()).select_from(Delivery).where(
+        Delivery.status == DeliveryStatus.pending, Delivery.channel == ChannelType.webhook,
+        Delivery.next_attempt_at <= now)) or 0
+
+
+# ------------------------------------------------------------------------------- replay
+
+
+def get_delivery(session: Session, actor: audit.Actor, delivery_id: uuid.UUID) -> Delivery:
+    delivery = session.get(Delivery, delivery_id)
+    if delivery is None or (not actor.has("admin")
+                            and delivery.organisation_id != actor.organisation_id):
+        raise NotFound("delivery not found")
+    return delivery
+
+
+def retry_delivery(session: Session, actor: audit.Actor, delivery_id: uuid.UUID) -> Delivery:
+    """Send again now, under the same message id (receivers deduplicate on it)."""
+    delivery = get_delivery(session, actor, delivery_id)
+    if delivery.status is DeliveryStatus.skipped:
+        raise InvalidInput("a skipped delivery is not sent: the endpoint does not take its "
+                           "event type", field="id")
+    _make_due(delivery)
+    audit.record(session, actor, "delivery.retried", "delivery", delivery.id)
+    outbox.enqueue(session, SEND_TASK, {})
+    session.commit()
+    return delivery
+
+
+def replay_endpoint(session: Session, actor: audit.Actor, endpoint_id: uuid.UUID,
+                    since: datetime, until: datetime) -> int:
+    """Make every failed delivery of the endpoint created in [since, until) due again."""
+    if until <= since:
+        raise InvalidInput("until must be after since", field="until")
+    endpoint = session.get(WebhookEndpoint, endpoint_id)
+    if endpoint is None or endpoint.organisation_id != actor.organisation_id:
+        raise NotFound("webhook endpoint not found")
+    now = get_settings().now()
+    result = session.execute(
+        sa.update(Delivery).where(Delivery.endpoint_id == endpoint.id,
+                                  Delivery.status == DeliveryStatus.failed,
+                                  Delivery.created_at >= since, Delivery.created_at < until)
+        .values(status=DeliveryStatus.pending, next_attempt_at=now, leased_until=None))
+    count = result.rowcount or 0
+    audit.record(session, actor, "webhook_endpoint.replayed", "webhook_endpoint", endpoint.id,
+                 since=since.isoformat(), until=until.isoformat(), deliveries=count)
+    outbox.enqueue(session, SEND_TASK, {})
+    session.commit()
+    return count
+
+
+def _make_due(delivery: Delivery) -> None:
+    delivery.status = DeliveryStatus.pending
+    delivery.next_attempt_at = get_settings().now()
+    delivery.leased_until = None
