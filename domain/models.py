@@ -412,7 +412,7 @@ class WebhookEndpoint(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-class DeliveryStatus(str, enum.Enum):
+class DeliveryStatus(enum.StrEnum):
     pending = "pending"
     succeeded = "succeeded"
     #: Permanent failure (a 4xx, or retries exhausted); can be replayed.

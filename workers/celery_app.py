@@ -33,7 +33,7 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     url, options = broker_options(settings)
-    app = Celery("doorstroom", broker=url, include=["workers.tasks"])
+    app = Celery("doorstroom", broker=url, include=["workers.tasks", "workers.webhooks", "workers.mail"])
     app.conf.update(
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,
@@ -58,6 +58,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         beat_schedule={
             # Backs up the relay thread's own sweeps (see workers/relay.py).
             "outbox-sweep": {"task": "outbox.sweep", "schedule": settings.sweeper_stale_seconds},
+            # Retries are due at times stored in the database; these pick them up.
+            "webhooks-send-due": {"task": "deliveries.send_due",
+                                  "schedule": settings.delivery_poll_seconds},
+            "email-send-due": {"task": "email.send_due",
+                               "schedule": settings.delivery_poll_seconds},
         },
     )
     return app
