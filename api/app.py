@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import problems
 from api.metrics import REQUEST_LATENCY
-from api.routes import directory, health, inbox, rules, subscriptions, updates
+from api.routes import directory, health, inbox, rules, subscriptions, updates, webhooks
 
 DESCRIPTION = """Doorstroom routes information updates from Flemish policy domains and federal
 bodies to the local governments that need them: publish once, reach every subscribed
@@ -86,7 +86,8 @@ def create_app() -> FastAPI:
     problems.install(app)
     app.include_router(health.router)
     app.include_router(directory.router)
-    for module in (updates, inbox, subscriptions, rules):
+    app.include_router(__import__("api.routes.feeds", fromlist=["router"]).router)
+    for module in (updates, inbox, subscriptions, rules, webhooks):
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -385,3 +385,88 @@ class PreviewOut(Response):
     items: list[PreviewRecipientOut]
     next_cursor: str | None = None
     total: int
+
+
+# -------------------------------------------------------------------------------- webhooks
+
+from pydantic import AnyHttpUrl  # noqa: E402
+
+EventType = Literal["be.doorstroom.update.published", "be.doorstroom.update.corrected",
+                    "be.doorstroom.update.withdrawn", "be.doorstroom.bundle",
+                    "be.doorstroom.endpoint.ping"]
+
+
+class EndpointCreate(Request):
+    url: AnyHttpUrl
+    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+    event_types: list[EventType] = Field(default_factory=list, max_length=5)
+    enabled: bool = True
+
+
+class EndpointPatch(Request):
+    url: AnyHttpUrl | None = None
+    description: Annotated[str, StringConstraints(max_length=500)] | None = None
+    event_types: list[EventType] | None = None
+    enabled: bool | None = None
+
+
+class EndpointOut(Response):
+    id: Id
+    url: str
+    description: str | None
+    event_types: list[str]
+    enabled: bool
+    disabled_at: datetime | None
+    disabled_reason: str | None
+    failing_since: datetime | None
+    last_success_at: datetime | None
+    secret_rotating_until: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class EndpointCreated(EndpointOut):
+    secret: str = Field(description="The whsec_ signing secret. Shown once; store it now.")
+
+
+class PingOut(Response):
+    ok: bool
+    status_code: int | None
+    latency_ms: int | None
+    error: str | None
+
+
+class ReplayIn(Request):
+    since: datetime
+    until: datetime
+
+
+class ReplayOut(Response):
+    replayed: int
+
+
+class AttemptOut(Response):
+    at: datetime
+    latency_ms: int | None
+    status_code: int | None
+    error: str | None
+
+
+class DeliveryOut(Response):
+    id: Id
+    message_id: str
+    organisation_id: Id
+    subscription_id: Id | None
+    endpoint_id: Id | None
+    update_id: Id | None
+    channel: str
+    event_type: str
+    status: str
+    attempt_count: int
+    next_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    succeeded_at: datetime | None
+    attempts: list[AttemptOut] | None = None

@@ -180,6 +180,9 @@ class Outcome:
     error: str | None = None
     #: Seconds from a 429/503 `Retry-After` header.
     retry_after: float | None = None
+    #: A failure no retry can mend, whatever the status (the URL was refused before sending:
+    #: an address webhooks may not reach, or a URL that breaks the rules).
+    permanent: bool = False
 
     @property
     def succeeded(self) -> bool:
@@ -187,7 +190,10 @@ class Outcome:
 
     @property
     def retryable(self) -> bool:
-        """Network errors, timeouts, 5xx and 429 are worth another try; other 4xx are not."""
+        """Network errors, timeouts, 5xx and 429 are worth another try; other 4xx, 3xx and
+        refused URLs are not."""
+        if self.permanent:
+            return False
         if self.status_code is None:
             return True
         return self.status_code >= 500 or self.status_code in (408, 429)
@@ -206,14 +212,23 @@ def next_retry_at(attempts: int, created_at: datetime, now: datetime,
     return None if when > created_at + RETRY_HORIZON else when
 
 
+def signing_secrets(endpoint: WebhookEndpoint, now: datetime) -> tuple[str, ...]:
+    """The endpoint's current secret, and the previous one during a rotation's grace period."""
+    from domain.secrets import decrypt
+
+    keys = [decrypt(endpoint.secret_ciphertext)]
+    if (endpoint.previous_secret_ciphertext and endpoint.previous_secret_expires_at
+            and endpoint.previous_secret_expires_at > now):
+        keys.append(decrypt(endpoint.previous_secret_ciphertext))
+    return tuple(keys)
+
+
 def claim_due_webhooks(session: Session, limit: int = 500) -> list[WebhookSend]:
     """Lease up to `limit` due webhook deliveries to this sender and commit the lease.
 
     `FOR UPDATE SKIP LOCKED` lets several senders work side by side; a sender that dies
     leaves leases that simply run out. Deliveries to endpoints that do not take the event
     type are marked skipped."""
-    from domain.secrets import decrypt
-
     now = get_settings().now()
     stmt = (sa.select(Delivery, WebhookEndpoint)
             .join(WebhookEndpoint, WebhookEndpoint.id == Delivery.endpoint_id)
@@ -232,11 +247,7 @@ def claim_due_webhooks(session: Session, limit: int = 500) -> list[WebhookSend]:
             delivery.status = DeliveryStatus.skipped
             continue
         if endpoint.id not in secrets_cache:
-            keys = [decrypt(endpoint.secret_ciphertext)]
-            if (endpoint.previous_secret_ciphertext and endpoint.previous_secret_expires_at
-                    and endpoint.previous_secret_expires_at > now):
-                keys.append(decrypt(endpoint.previous_secret_ciphertext))
-            secrets_cache[endpoint.id] = tuple(keys)
+            secrets_cache[endpoint.id] = signing_secrets(endpoint, now)
         delivery.leased_until = now + LEASE
         claimed.append(WebhookSend(delivery.id, delivery.message_id, endpoint.id, endpoint.url,
                                    secrets_cache[endpoint.id], delivery.payload or "",
@@ -254,15 +265,24 @@ def record_outcomes(session: Session, outcomes: list[Outcome]) -> None:
         return
     settings = get_settings()
     now = settings.now()
+    # Lock the deliveries first (in id order, so two senders cannot deadlock) and leave out
+    # any that vanished while in flight (their endpoint was deleted): an attempt row for them
+    # would break the foreign key and lose the whole batch's outcomes.
+    ids = sorted({o.delivery_id for o in outcomes})
+    stmt = (sa.select(Delivery).where(Delivery.id.in_(ids))
+            .order_by(Delivery.id).with_for_update()
+            .execution_options(populate_existing=True))
+    deliveries = {d.id: d for d in session.scalars(stmt)}
+    outcomes = [o for o in outcomes if o.delivery_id in deliveries]
     session.add_all(DeliveryAttempt(delivery_id=o.delivery_id, at=o.at, latency_ms=o.latency_ms,
                                     status_code=o.status_code,
                                     error=(o.error or "")[:1000] or None) for o in outcomes)
-    deliveries = {d.id: d for d in session.scalars(
-        sa.select(Delivery).where(Delivery.id.in_([o.delivery_id for o in outcomes])))}
     endpoint_results: dict[uuid.UUID, list[Outcome]] = {}
     for outcome in outcomes:
         delivery = deliveries[outcome.delivery_id]
         delivery.attempt_count += 1
+        if delivery.status is not DeliveryStatus.pending:
+            continue  # finished meanwhile by a sender whose lease came later: keep its result
         delivery.last_attempt_at = outcome.at
         delivery.last_status_code = outcome.status_code
         delivery.last_error = (outcome.error or "")[:1000] or None
@@ -281,8 +301,20 @@ def record_outcomes(session: Session, outcomes: list[Outcome]) -> None:
             delivery.next_attempt_at = None
         if delivery.endpoint_id is not None:
             endpoint_results.setdefault(delivery.endpoint_id, []).append(outcome)
-    for endpoint_id, results in endpoint_results.items():
-        _update_endpoint_health(session, endpoint_id, results, now)
+    # In a fixed order: two senders updating the same endpoints must not deadlock.
+    for endpoint_id in sorted(endpoint_results):
+        _update_endpoint_health(session, endpoint_id, endpoint_results[endpoint_id], now)
+    session.commit()
+
+
+def release_leases(session: Session, delivery_ids: list[uuid.UUID]) -> None:
+    """Give back deliveries a sender claimed but did not get to send (it ran out of time
+    before their lease would): the next sender takes them at once. Commits."""
+    if delivery_ids:
+        session.execute(sa.update(Delivery)
+                        .where(Delivery.id.in_(delivery_ids),
+                               Delivery.status == DeliveryStatus.pending)
+                        .values(leased_until=None))
     session.commit()
 
 

@@ -283,6 +283,12 @@ class OutboxMessage(Base):
 
 class Subscription(Base):
     __tablename__ = "subscriptions"
+    __table_args__ = (
+        # Push subscriptions are few among many inbox ones: routing finds them through this.
+        sa.Index("ix_subscriptions_push", "organisation_id",
+                 postgresql_where=sa.text("channel_type IN ('webhook', 'email')"),
+                 sqlite_where=sa.text("channel_type IN ('webhook', 'email')")),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=new_id)
     organisation_id: Mapped[uuid.UUID] = mapped_column(

@@ -332,6 +332,21 @@ def _create_push_deliveries(session: Session, update: Update, plan: Plan) -> int
                                                directed_orgs, event_type)  # type: ignore[arg-type]
 
 
+def announce_withdrawal(session: Session, update_id: uuid.UUID,
+                        outbox_id: int | None = None) -> int:
+    """Create withdrawal deliveries for a withdrawn update's chain; commits once."""
+    update = session.get(Update, update_id)
+    created = 0
+    if update is not None:
+        created = deliveries.create_withdrawal_deliveries(session, update)
+        if created:
+            outbox.enqueue(session, deliveries.SEND_TASK, {})
+            outbox.enqueue(session, deliveries.SEND_EMAIL_TASK, {})
+    outbox.mark_completed(session, outbox_id)
+    session.commit()
+    return created
+
+
 @dataclass(frozen=True)
 class PreviewRecipient:
     organisation_id: uuid.UUID

@@ -33,7 +33,8 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     url, options = broker_options(settings)
-    app = Celery("doorstroom", broker=url, include=["workers.tasks", "workers.webhooks", "workers.mail"])
+    app = Celery("doorstroom", broker=url,
+                 include=["workers.tasks", "workers.webhooks", "workers.mail"])
     app.conf.update(
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,

@@ -48,12 +48,16 @@ def route_update(update_id: str, outbox_id: int | None = None) -> int:
 
 @celery_app.task(name="routing.announce_withdrawal", autoretry_for=RETRYABLE, retry_backoff=2,
                  max_retries=10)
-def announce_withdrawal(update_id: str, outbox_id: int | None = None) -> None:
-    """A withdrawal is already visible in every inbox (it is committed with the withdrawal).
-    This task is the hook for push channels; it completes its outbox row."""
+def announce_withdrawal(update_id: str, outbox_id: int | None = None) -> int:
+    """Tell push subscriptions that received the chain that it is withdrawn (the inboxes
+    show it already: that changed with the withdrawal itself). Idempotent: the deliveries'
+    unique key absorbs a second run."""
     with session_scope() as session:
-        outbox.mark_completed(session, outbox_id)
-        session.commit()
+        created = routing.announce_withdrawal(session, uuid.UUID(update_id), outbox_id)
+    from workers.relay import dispatch_after_commit
+
+    dispatch_after_commit()
+    return created
 
 
 @celery_app.task(name="outbox.sweep")
