@@ -19,7 +19,8 @@ PG_ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("DOORSTROOM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-TEST_DB_NAME = f"doorstroom_test_{_worker}"
+# The pid keeps two pytest runs on one machine (a developer's and CI's) out of each other's way.
+TEST_DB_NAME = f"doorstroom_test_{_worker}_{os.getpid()}"
 TEST_DB_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + TEST_DB_NAME
 
 # Settings are read once: point them at the test services before anything imports them.
@@ -41,12 +42,23 @@ def recreate_database(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def migrated_database() -> str:
+def migrated_database() -> Iterator[str]:
     from domain import migrate
 
     url = recreate_database(TEST_DB_NAME)
     migrate.upgrade(url)
-    return url
+    yield url
+    from domain.db import get_engine
+
+    get_engine().dispose()
+    drop_database(TEST_DB_NAME)
+
+
+def drop_database(name: str) -> None:
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
 
 
 @pytest.fixture(scope="session")

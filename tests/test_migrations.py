@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import sqlalchemy as sa
 from alembic import command
 from alembic.script import ScriptDirectory
 
 from domain import migrate
 from domain.db import Base
-from tests.conftest import recreate_database
+from tests.conftest import drop_database, recreate_database
 
 
 def test_one_head_and_dated_file_names():
@@ -19,7 +21,8 @@ def test_one_head_and_dated_file_names():
 
 
 def test_up_down_up_on_an_empty_postgres_database_and_models_match():
-    url = recreate_database("doorstroom_test_migrations")
+    name = f"doorstroom_test_migrations_{os.getpid()}"
+    url = recreate_database(name)
     migrate.upgrade(url)
     tables = set(sa.inspect(sa.create_engine(url)).get_table_names())
     assert set(Base.metadata.tables) <= tables
@@ -29,6 +32,7 @@ def test_up_down_up_on_an_empty_postgres_database_and_models_match():
     assert set(sa.inspect(engine).get_table_names()) == {"alembic_version"}
     migrate.upgrade(url)
     engine.dispose()
+    drop_database(name)
 
 
 def test_up_down_on_sqlite(tmp_path):
