@@ -99,9 +99,9 @@ def rotate_secret(endpoint_id: str, actor: SubscriberDep, session: SessionDep) -
 @router.post("/webhook-endpoints/{endpoint_id}/ping", tags=["webhooks"], response_model=PingOut)
 def ping(endpoint_id: str, actor: SubscriberDep, session: SessionDep) -> dict[str, Any]:
     """Send one signed `be.doorstroom.endpoint.ping` event now and report what came back."""
+    endpoint = endpoints.get_endpoint(session, actor, parse_id(endpoint_id, "webhook endpoint"))
     from workers.webhooks import send_ping
 
-    endpoint = endpoints.get_endpoint(session, actor, parse_id(endpoint_id, "webhook endpoint"))
     outcome = send_ping(endpoint.id)
     return {"ok": outcome.succeeded, "status_code": outcome.status_code,
             "latency_ms": outcome.latency_ms, "error": outcome.error}
@@ -131,8 +131,8 @@ def delivery_out(delivery: Delivery, attempts: list[DeliveryAttempt] | None = No
             "subscription_id": str(delivery.subscription_id) if delivery.subscription_id else None,
             "endpoint_id": str(delivery.endpoint_id) if delivery.endpoint_id else None,
             "update_id": str(delivery.update_id) if delivery.update_id else None,
-            "channel": delivery.channel.value, "event_type": delivery.event_type,
-            "status": delivery.status.value, "attempt_count": delivery.attempt_count,
+            "channel": str(delivery.channel), "event_type": delivery.event_type,
+            "status": str(delivery.status), "attempt_count": delivery.attempt_count,
             "next_attempt_at": delivery.next_attempt_at,
             "last_attempt_at": delivery.last_attempt_at,
             "last_status_code": delivery.last_status_code, "last_error": delivery.last_error,
