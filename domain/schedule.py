@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 
@@ -29,15 +29,15 @@ def local_instant(day: date, at: time, tz: ZoneInfo) -> datetime:
     naive = datetime.combine(day, at)
     first = naive.replace(tzinfo=tz, fold=0)
     # A wall time in a gap does not survive a round trip through UTC.
-    roundtrip = first.astimezone(timezone.utc).astimezone(tz)
+    roundtrip = first.astimezone(UTC).astimezone(tz)
     if roundtrip.replace(tzinfo=None) != naive:
         return _gap_end(day, tz)  # in the gap: the first valid instant is where it ends
-    return first.astimezone(timezone.utc)
+    return first.astimezone(UTC)
 
 
 def _gap_end(day: date, tz: ZoneInfo) -> datetime:
     """The instant the clock jumped forward on `day` (the first valid local time)."""
-    start = datetime.combine(day, time(0)).replace(tzinfo=tz).astimezone(timezone.utc)
+    start = datetime.combine(day, time(0)).replace(tzinfo=tz).astimezone(UTC)
     previous_offset = start.astimezone(tz).utcoffset()
     for minutes in range(0, 26 * 60, 15):
         instant = start + timedelta(minutes=minutes)
