@@ -321,6 +321,8 @@ class Subscription(Base):
     unsubscribe_token: Mapped[str | None] = mapped_column(sa.String(64), unique=True)
     suspended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     suspended_reason: Mapped[str | None] = mapped_column(sa.String(500))
+    #: Daily and weekly: the end of the last window handled (built, or empty).
+    bundled_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
@@ -449,6 +451,8 @@ class Delivery(Base):
         sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True)
     update_id: Mapped[uuid.UUID | None] = mapped_column(
         sa.ForeignKey("updates.id", ondelete="CASCADE"), index=True)
+    bundle_id: Mapped[uuid.UUID | None] = mapped_column(
+        sa.ForeignKey("bundles.id", ondelete="CASCADE"), unique=True)
     channel: Mapped[ChannelType] = mapped_column(_enum(ChannelType, "delivery_channel"))
     event_type: Mapped[str] = mapped_column(sa.String(100))
     #: The exact body, fixed when the delivery is created, so every retry sends the same bytes.
@@ -476,3 +480,54 @@ class DeliveryAttempt(Base):
     latency_ms: Mapped[int | None] = mapped_column(sa.Integer)
     status_code: Mapped[int | None] = mapped_column(sa.Integer)
     error: Mapped[str | None] = mapped_column(sa.String(1000))
+
+
+# ---------------------------------------------------------------------------------- bundles
+
+
+class Bundle(Base):
+    """One daily or weekly digest of one subscription for one window (start, end].
+
+    Unique per (subscription, window end): running the scheduler twice, or two at once,
+    builds one. A window with nothing in it leaves no bundle (only the subscription's
+    `bundled_until` moves on)."""
+
+    __tablename__ = "bundles"
+    __table_args__ = (sa.UniqueConstraint("subscription_id", "window_end"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=new_id)
+    subscription_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("subscriptions.id", ondelete="CASCADE"))
+    organisation_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("organisations.id", ondelete="CASCADE"))
+    cadence: Mapped[Cadence] = mapped_column(_enum(Cadence, "bundle_cadence"))
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    window_end: Mapped[datetime] = mapped_column(UTCDateTime)
+    item_count: Mapped[int] = mapped_column(sa.Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: Set when its entries are written (the state guard for building).
+    built_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+sa.Index("ix_bundles_org_window", Bundle.organisation_id, Bundle.window_end.desc())
+
+
+class BundleEntry(Base):
+    """One update chain in a bundle, as it was when the bundle was built."""
+
+    __tablename__ = "bundle_entries"
+    __table_args__ = (
+        # "Was this chain in an earlier bundle of this subscription?" stays an index lookup
+        # however many bundles came before.
+        sa.Index("ix_bundle_entries_subscription_chain", "subscription_id", "chain_id"),
+    )
+
+    bundle_id: Mapped[uuid.UUID] = mapped_column(
+        sa.ForeignKey("bundles.id", ondelete="CASCADE"), primary_key=True)
+    chain_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
+    subscription_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid)
+    update_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid)
+    #: new | corrected (an earlier version went out before) | withdrawn (it had gone out) |
+    #: already_sent (urgent: pushed at once)
+    state: Mapped[str] = mapped_column(sa.String(20))
+    reasons: Mapped[list[dict[str, str]]] = mapped_column(sa.JSON)
