@@ -33,8 +33,8 @@ from sqlalchemy.orm import Session
 from domain.errors import InvalidInput, NotFound
 from domain.events import update_link
 from domain.models import (
-    Classification,
     ChannelType,
+    Classification,
     InboxItem,
     Organisation,
     Subscription,
