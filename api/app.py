@@ -10,7 +10,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import problems
 from api.metrics import REQUEST_LATENCY
-from api.routes import directory, health, inbox, rules, subscriptions, updates, webhooks
+from api.routes import (
+    bundles,
+    directory,
+    health,
+    inbox,
+    rules,
+    subscriptions,
+    updates,
+    webhooks,
+)
 
 DESCRIPTION = """Doorstroom routes information updates from Flemish policy domains and federal
 bodies to the local governments that need them: publish once, reach every subscribed
@@ -87,8 +96,9 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(directory.router)
     app.include_router(__import__("api.routes.feeds", fromlist=["router"]).router)
-    for module in (updates, inbox, subscriptions, rules, webhooks):
+    for module in (updates, inbox, subscriptions, rules, webhooks, bundles):
         app.include_router(module.router)
+    app.include_router(__import__("api.routes.email", fromlist=["router"]).router)
 
     @app.middleware("http")
     async def observe_latency(request, call_next):  # type: ignore[no-untyped-def]

@@ -490,3 +490,42 @@ class DeliveryOut(Response):
     created_at: datetime
     succeeded_at: datetime | None
     attempts: list[AttemptOut] | None = None
+
+
+# --------------------------------------------------------------------------------- bundles
+
+
+class BundleItem(Response):
+    update_id: Id
+    chain_id: Id
+    version: int
+    state: Literal["new", "corrected", "withdrawn", "already_sent"]
+    title: str
+    summary: str | None
+    priority: str
+    classification: str
+    notice: bool
+    url: str
+    reasons: list[Reason]
+
+
+class BundleSection(Response):
+    topic: str | None
+    topic_name: str | None
+    publisher: str
+    count: int
+    items: list[BundleItem]
+
+
+class BundleWindow(Response):
+    start: datetime
+    end: datetime
+
+
+class BundleOut(Response):
+    id: Id
+    subscription_id: Id
+    cadence: str
+    window: BundleWindow
+    count: int
+    sections: list[BundleSection]

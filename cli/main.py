@@ -140,17 +140,27 @@ def key_create(org: Annotated[str, typer.Option("--org")],
 
 @digests_app.command("run")
 def digests_run(now: Annotated[str | None, typer.Option(help="ISO 8601 instant")] = None) -> None:
-    """Build and send every bundle due at --now (default: the current time)."""
-    at = datetime.fromisoformat(now) if now else None
-    try:
-        from domain.bundles import run_due_bundles  # type: ignore[import-not-found]
-    except ImportError:
-        _fail("bundles arrive with the digests feature; nothing to run yet")
+    """Build and send every bundle due at --now (default: the current time). Idempotent:
+    a window already built is not built again."""
+    from datetime import UTC
+
+    from domain.bundles import run_due_bundles
     from domain.db import session_scope
 
+    at = None
+    if now:
+        try:
+            at = datetime.fromisoformat(now)
+        except ValueError:
+            _fail(f"{now!r} is not an ISO 8601 time")
+        assert at is not None
+        at = at if at.tzinfo else at.replace(tzinfo=UTC)
     with session_scope() as session:
         report = run_due_bundles(session, at)
     typer.echo(str(report), err=True)
+    from workers.relay import dispatch_after_commit
+
+    dispatch_after_commit()
 
 
 @app.command()

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     webhook_disable_after_seconds: float = 3 * 24 * 3600
     #: How often the scheduler looks for deliveries whose retry time has come.
     delivery_poll_seconds: float = 5.0
+    #: How often the scheduler looks for bundles whose window has closed.
+    bundle_poll_seconds: float = 60.0
     #: During a secret rotation the previous secret keeps signing this long.
     webhook_secret_grace_seconds: float = 24 * 3600
     #: Fixed "now" for tests and demos (ISO 8601); unset means the real clock.

@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from domain import audit
+from domain import audit, mail
 from domain.errors import InvalidInput, NotFound
 from domain.filters import normalise_filter
 from domain.models import (
@@ -92,6 +92,10 @@ def create_subscription(session: Session, actor: audit.Actor,
     """Create one of the caller's subscriptions. Not idempotent (two calls, two rows)."""
     assert actor.organisation_id is not None
     canonical, compiled = normalise_filter(session, data.filter)
+    try:
+        data.cadence = Cadence(data.cadence)
+    except ValueError as exc:
+        raise InvalidInput("cadence is immediate, daily or weekly", field="cadence") from exc
     send_at, weekday = _check_schedule(data.cadence, data.send_at, data.weekday)
     channel_type, channel = _check_channel(session, actor.organisation_id, data.channel)
     now = get_settings().now()
@@ -111,6 +115,9 @@ def create_subscription(session: Session, actor: audit.Actor,
     session.add(sub)
     session.flush()
     _store_filter_rows(session, sub.id, compiled.topic_ids, compiled.publisher_ids)
+    if channel_type is ChannelType.email:
+        # Nothing is sent before the address is confirmed through the mailed link.
+        mail.start_email_verification(session, sub)
     audit.record(session, actor, "subscription.created", "subscription", sub.id,
                  cadence=sub.cadence.value, channel=channel_type.value)
     session.commit()
@@ -144,11 +151,30 @@ def update_subscription(session: Session, actor: audit.Actor, subscription_id: u
         channel_type, channel = _check_channel(session, sub.organisation_id, changes["channel"])
         if channel_type is ChannelType.feed and sub.feed_token is None:
             sub.feed_token = secrets.token_urlsafe(32)
+        elif channel_type is not ChannelType.feed:
+            sub.feed_token = None  # leaving the feed channel retires its URL for good
+        old_type, old_address = sub.channel_type, (sub.channel or {}).get("address")
         sub.channel_type, sub.channel = channel_type, channel
         sub.webhook_endpoint_id = _endpoint_id(channel)
+        if channel_type is ChannelType.email and (
+                old_type is not ChannelType.email
+                or str(old_address or "").lower() != channel["address"].lower()):
+            # A new address is confirmed again before anything is sent to it.
+            lifted = mail.start_email_verification(session, sub)
+            audit.record(session, actor, "subscription.email_verification_started",
+                         "subscription", sub.id, address=channel["address"],
+                         lifted_suspension=lifted)
+        elif channel_type is not ChannelType.email and old_type is ChannelType.email:
+            mail.clear_email_state(sub)
     for simple in ("include_directed", "active", "name"):
         if simple in changes:
             setattr(sub, simple, changes[simple])
+    if changes.get("active") is True and sub.suspended_at is not None:
+        # The organisation undoes a suspension (an unsubscribe link, a rejected address).
+        audit.record(session, actor, "subscription.resumed", "subscription", sub.id,
+                     previous_reason=sub.suspended_reason)
+        sub.suspended_at = None
+        sub.suspended_reason = None
     sub.updated_at = get_settings().now()
     audit.record(session, actor, "subscription.updated", "subscription", sub.id,
                  fields=sorted(changes))
@@ -163,6 +189,7 @@ def rotate_feed_token(session: Session, actor: audit.Actor,
     if sub.channel_type is not ChannelType.feed:
         raise InvalidInput("only feed subscriptions have a feed token", field="channel")
     sub.feed_token = secrets.token_urlsafe(32)
+    sub.updated_at = get_settings().now()
     audit.record(session, actor, "subscription.feed_token_rotated", "subscription", sub.id)
     session.commit()
     return sub

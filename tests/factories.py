@@ -95,3 +95,65 @@ def org_with_key(session: Session, *scopes: str, **org_kwargs) -> tuple[Organisa
     """An organisation and one API key for it (default scope: subscribe)."""
     org = create_org(session, **org_kwargs)
     return org, create_key(session, org, *scopes)
+
+
+def create_feed_subscription(session: Session, org: Organisation, **kwargs):
+    """A feed subscription (channel `feed`, so it has a feed token) for `org`."""
+    kwargs.setdefault("channel", {"type": "feed"})
+    return create_subscription(session, org, **kwargs)
+
+
+def feed_path(subscription) -> str:
+    """The path of a feed subscription's Atom feed (its token is the credential)."""
+    return f"/v1/feeds/{subscription.feed_token}"
+
+
+def insert_webhook_endpoint(session: Session, org: Organisation, url: str, *,
+                            secret: str | None = None, event_types: list[str] | None = None,
+                            enabled: bool = True, previous_secret: str | None = None,
+                            previous_expires_at=None):
+    """A webhook endpoint row written directly (no API, no URL check): answers
+    (endpoint, plaintext secret). `previous_secret` sets up a rotation's grace period
+    (expiring in an hour unless `previous_expires_at` says otherwise)."""
+    from datetime import timedelta
+
+    from domain import secrets
+    from domain.models import WebhookEndpoint
+    from domain.settings import get_settings
+
+    now = get_settings().now()
+    secret = secret or secrets.new_webhook_secret()
+    endpoint = WebhookEndpoint(
+        organisation_id=org.id, url=url, event_types=event_types or [], enabled=enabled,
+        secret_ciphertext=secrets.encrypt(secret),
+        previous_secret_ciphertext=secrets.encrypt(previous_secret) if previous_secret else None,
+        previous_secret_expires_at=(previous_expires_at or now + timedelta(hours=1))
+        if previous_secret else None,
+        created_at=now, updated_at=now)
+    session.add(endpoint)
+    session.flush()
+    return endpoint, secret
+
+
+def create_webhook_subscription(session: Session, org: Organisation, endpoint, **kwargs):
+    """A subscription of `org` that pushes to one of its webhook endpoints."""
+    return create_subscription(session, org,
+                               channel={"type": "webhook", "endpoint_id": str(endpoint.id)},
+                               **kwargs)
+
+
+def create_email_subscription(session: Session, org: Organisation, *, address: str | None = None,
+                              language: str | None = None, confirmed: bool = False, **kwargs):
+    """An e-mail subscription for `org` (a unique address unless given); `confirmed=True`
+    follows its confirmation link through the use case."""
+    channel = {"type": "email",
+               "address": address or f"ops-{uuid.uuid4().hex[:10]}@gemeente.example"}
+    if language:
+        channel["language"] = language
+    kwargs.setdefault("channel", channel)
+    sub = create_subscription(session, org, **kwargs)
+    if confirmed:
+        from domain import mail
+
+        mail.confirm_address(session, sub.email_confirm_token)
+    return sub

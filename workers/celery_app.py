@@ -64,6 +64,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
                                   "schedule": settings.delivery_poll_seconds},
             "email-send-due": {"task": "email.send_due",
                                "schedule": settings.delivery_poll_seconds},
+            # Bundle windows are rows and times in the database; this only looks for due ones.
+            "bundles-run-due": {"task": "bundles.run_due",
+                                "schedule": settings.bundle_poll_seconds},
         },
     )
     return app

@@ -64,6 +64,23 @@ def announce_withdrawal(update_id: str, outbox_id: int | None = None) -> int:
     return created
 
 
+@celery_app.task(name="bundles.run_due", autoretry_for=RETRYABLE, retry_backoff=2,
+                 max_retries=5)
+def run_due_bundles() -> int:
+    """Build every daily and weekly bundle that is due (exactly once per window: row locks,
+    `bundled_until` and a unique key see to that, whoever else runs at the same time)."""
+    from domain.bundles import run_due_bundles as build
+
+    with session_scope() as session:
+        report = build(session)
+    if report.windows:
+        log.info("bundles: %s", report)
+    from workers.relay import dispatch_after_commit
+
+    dispatch_after_commit()
+    return report.bundles
+
+
 @celery_app.task(name="outbox.sweep")
 def sweep() -> int:
     """Make work that was dispatched but never completed due again (see domain.outbox)."""

@@ -1,0 +1,293 @@
+"""Daily and weekly bundles: one digest per subscription per window, across every publisher.
+
+`run_due_bundles` is what the scheduler and `doorstroom digests run` call. It is set-based:
+the windows are worked out in Python (pure arithmetic, `domain/schedule.py`), then a few
+statements write every bundle's rows at once. Exactly once per (subscription, window):
+due subscriptions are row-locked (`FOR UPDATE SKIP LOCKED`), `bundled_until` moves on in
+the same transaction, and the unique (subscription, window end) key absorbs any repeat.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import Session, aliased
+
+from domain import audit, events, outbox, schedule
+from domain.deliveries import (
+    SEND_EMAIL_TASK,
+    SEND_TASK,
+    _dialect_insert,
+    new_message_id,
+    new_uuid,
+)
+from domain.errors import NotFound
+from domain.models import (
+    Bundle,
+    BundleEntry,
+    Cadence,
+    ChannelType,
+    Delivery,
+    DeliveryStatus,
+    InboxItem,
+    Organisation,
+    Priority,
+    Subscription,
+    Topic,
+    Update,
+    UpdateStatus,
+    new_id,
+)
+from domain.pagination import Page, paginate
+from domain.settings import get_settings
+
+RUN_TASK = "bundles.run_due"
+
+
+@dataclass(frozen=True)
+class RunReport:
+    subscriptions: int
+    windows: int
+    bundles: int
+    empty: int
+    deliveries: int
+
+    def __str__(self) -> str:
+        return (f"{self.windows} window(s) of {self.subscriptions} subscription(s): "
+                f"{self.bundles} bundle(s), {self.empty} empty, "
+                f"{self.deliveries} push deliveries")
+
+
+def _reached_through(session: Session) -> sa.ColumnElement[bool]:
+    """The inbox item came through this subscription, or (include_directed) through a rule
+    or the audience. Correlated on Subscription and InboxItem."""
+    s, i = Subscription, InboxItem
+    if session.get_bind().dialect.name == "postgresql":
+        reasons = sa.cast(i.reasons, postgresql.JSONB)
+        mine = reasons.contains(sa.func.jsonb_build_array(
+            sa.func.jsonb_build_object("kind", "subscription", "id", sa.cast(s.id, sa.Text))))
+        directed = sa.or_(reasons.contains(sa.cast(sa.literal('[{"kind": "rule"}]'),
+                                                   postgresql.JSONB)),
+                          reasons.contains(sa.cast(sa.literal('[{"kind": "audience"}]'),
+                                                   postgresql.JSONB)))
+        return sa.or_(mine, sa.and_(s.include_directed.is_(True), directed))
+    reason = sa.func.json_each(i.reasons).table_valued("value").alias("reason")
+    kind = sa.func.json_extract(reason.c.value, "$.kind")
+    source = sa.func.replace(sa.func.lower(sa.func.json_extract(reason.c.value, "$.id")), "-", "")
+    return sa.exists(sa.select(sa.literal(1)).select_from(reason).where(sa.or_(
+        sa.and_(kind == "subscription", source == sa.func.lower(sa.cast(s.id, sa.Text))),
+        sa.and_(s.include_directed.is_(True), kind.in_(["rule", "audience"])))))
+
+
+def run_due_bundles(session: Session, now: datetime | None = None) -> RunReport:
+    """Build every bundle due at `now` and hand it to its channel. Idempotent; commits once."""
+    settings = get_settings()
+    now = now or settings.now()
+    tz = ZoneInfo(settings.timezone)
+    stmt = (sa.select(Subscription)
+            .where(Subscription.cadence.in_([Cadence.daily, Cadence.weekly]),
+                   Subscription.active.is_(True), Subscription.suspended_at.is_(None))
+            .order_by(Subscription.id)
+            # Fresh from the database: `bundled_until` is written by Core statements below.
+            .execution_options(populate_existing=True))
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    subscriptions = list(session.scalars(stmt))
+    rows: list[dict[str, Any]] = []
+    moved: list[dict[str, Any]] = []
+    for sub in subscriptions:
+        assert sub.send_at is not None
+        found = schedule.windows(sub.cadence.value, sub.send_at, sub.weekday, tz,
+                                 sub.bundled_until, now, sub.created_at)
+        for window in found:
+            rows.append({"id": new_id(), "subscription_id": sub.id,
+                         "organisation_id": sub.organisation_id, "cadence": sub.cadence,
+                         "window_start": window.start, "window_end": window.end,
+                         "item_count": 0, "created_at": now})
+        if found:
+            moved.append({"sub_id": sub.id, "until": found[-1].end})
+    if not rows:
+        session.commit()
+        return RunReport(len(subscriptions), 0, 0, 0, 0)
+
+    # Core statements (tables, not entities): plain executemany, no ORM bookkeeping.
+    insert = _dialect_insert(session)(Bundle.__table__).on_conflict_do_nothing(
+        index_elements=["subscription_id", "window_end"])
+    session.execute(insert, rows)
+    run_ids = [r["id"] for r in rows]
+    built = _write_entries(session, run_ids, now)
+    empty = session.execute(
+        sa.delete(Bundle).where(Bundle.id.in_(run_ids), Bundle.item_count == 0)
+        .execution_options(synchronize_session=False)).rowcount or 0
+    subscriptions_table = Subscription.__table__
+    session.execute(
+        sa.update(subscriptions_table).where(subscriptions_table.c.id == sa.bindparam("sub_id"))
+        .values(bundled_until=sa.bindparam("until")), moved)
+    pushed = _create_bundle_deliveries(session, run_ids, now)
+    if pushed:
+        outbox.enqueue(session, SEND_TASK, {})
+        outbox.enqueue(session, SEND_EMAIL_TASK, {})
+    session.commit()
+    return RunReport(len(subscriptions), len(rows), built - empty, empty, pushed)
+
+
+def _write_entries(session: Session, bundle_ids: list[uuid.UUID], now: datetime) -> int:
+    """One statement for the entries of every new bundle, then one for their counts."""
+    b, s, i, u = Bundle, Subscription, InboxItem, Update
+    earlier = aliased(BundleEntry)
+    before = (sa.select(sa.literal(1)).select_from(earlier)
+              .where(earlier.subscription_id == b.subscription_id,
+                     earlier.chain_id == i.chain_id, earlier.bundle_id != b.id))
+    earlier_version = before.where(earlier.update_id != i.update_id)
+    pushed_before = (sa.select(sa.literal(1)).select_from(Delivery)
+                     .join(Update, Update.id == Delivery.update_id)
+                     .where(Delivery.subscription_id == s.id,
+                            Update.chain_id == i.chain_id))
+    sent_before = sa.or_(sa.exists(before), sa.exists(pushed_before))
+    state = sa.case(
+        (u.status == UpdateStatus.withdrawn, "withdrawn"),
+        (u.priority == Priority.urgent, "already_sent"),
+        (sa.exists(earlier_version), "corrected"),
+        else_="new")
+    select = (
+        sa.select(b.id, i.chain_id, b.subscription_id, i.update_id, state, i.reasons)
+        .select_from(b)
+        .join(s, s.id == b.subscription_id)
+        .join(i, sa.and_(i.organisation_id == b.organisation_id,
+                         i.received_at > b.window_start, i.received_at <= b.window_end))
+        .join(u, u.id == i.update_id)
+        .where(b.id.in_(bundle_ids), b.built_at.is_(None), _reached_through(session),
+               sa.or_(u.expires_at.is_(None), u.expires_at > b.window_end),
+               # A withdrawn update is only listed when it had gone out before.
+               sa.or_(u.status != UpdateStatus.withdrawn, sent_before))
+    )
+    session.execute(sa.insert(BundleEntry).from_select(
+        ["bundle_id", "chain_id", "subscription_id", "update_id", "state", "reasons"], select))
+    counts = (sa.select(sa.func.count()).select_from(BundleEntry)
+              .where(BundleEntry.bundle_id == Bundle.id).scalar_subquery())
+    return session.execute(
+        sa.update(Bundle).where(Bundle.id.in_(bundle_ids), Bundle.built_at.is_(None))
+        .values(item_count=counts, built_at=now)
+        .execution_options(synchronize_session=False)).rowcount or 0
+
+
+def _create_bundle_deliveries(session: Session, bundle_ids: list[uuid.UUID],
+                              now: datetime) -> int:
+    """One webhook or e-mail delivery per non-empty bundle of a push subscription."""
+    s = Subscription
+    select = (
+        sa.select(new_uuid(), new_message_id(), Bundle.organisation_id, s.id,
+                  s.webhook_endpoint_id, Bundle.id, s.channel_type,
+                  sa.literal(events.BUNDLE), sa.literal(DeliveryStatus.pending.value),
+                  sa.literal(0), sa.literal(now, Delivery.next_attempt_at.type),
+                  sa.literal(now, Delivery.created_at.type))
+        .join(s, s.id == Bundle.subscription_id)
+        .where(Bundle.id.in_(bundle_ids), Bundle.item_count > 0,
+               s.channel_type.in_([ChannelType.webhook, ChannelType.email]))
+    )
+    columns = ["id", "message_id", "organisation_id", "subscription_id", "endpoint_id",
+               "bundle_id", "channel", "event_type", "status", "attempt_count",
+               "next_attempt_at", "created_at"]
+    insert = _dialect_insert(session)(Delivery).from_select(columns, select.where(sa.true()))
+    insert = insert.on_conflict_do_nothing(index_elements=["bundle_id"])
+    created = session.execute(insert.execution_options(preserve_rowcount=True)).rowcount or 0
+    if created > 0:
+        _fill_webhook_payloads(session, bundle_ids)
+    return max(created, 0)
+
+
+def _fill_webhook_payloads(session: Session, bundle_ids: list[uuid.UUID]) -> None:
+    """The webhook body of each bundle, rendered once and stored with its delivery."""
+    deliveries = session.execute(
+        sa.select(Delivery.id, Delivery.bundle_id)
+        .where(Delivery.bundle_id.in_(bundle_ids), Delivery.channel == ChannelType.webhook,
+               Delivery.payload.is_(None))).all()
+    if not deliveries:
+        return
+    bundles = {bundle.id: bundle for bundle in session.scalars(
+        sa.select(Bundle).where(Bundle.id.in_([d.bundle_id for d in deliveries])))}
+    contents = bundle_contents(session, list(bundles.values()))
+    table = Delivery.__table__
+    session.execute(
+        sa.update(table).where(table.c.id == sa.bindparam("delivery_id"))
+        .values(payload=sa.bindparam("body")),
+        [{"delivery_id": d.id,
+          "body": events.structured(events.BUNDLE, f"{d.bundle_id}.bundle",
+                                    bundles[d.bundle_id].created_at,
+                                    f"bundles/{d.bundle_id}", contents[d.bundle_id])}
+         for d in deliveries])
+
+
+# ---------------------------------------------------------------------------------- content
+
+
+def bundle_contents(session: Session, bundles: list[Bundle]) -> dict[uuid.UUID, dict[str, Any]]:
+    """Each bundle as sections: grouped by topic, then publisher; urgent items first; counts
+    per section; every item with its state and reasons. Restricted items are notices."""
+    from domain.routing import normalise_reasons
+
+    if not bundles:
+        return {}
+    rows = session.execute(
+        sa.select(BundleEntry, Update, Organisation.name)
+        .join(Update, Update.id == BundleEntry.update_id)
+        .join(Organisation, Organisation.id == Update.publisher_id)
+        .where(BundleEntry.bundle_id.in_([b.id for b in bundles]))).all()
+    slugs = {slug for _, update, _ in rows for slug in update.topics[:1]}
+    names = dict(session.execute(sa.select(Topic.slug, Topic.name_nl)
+                                 .where(Topic.slug.in_(slugs))).all()) if slugs else {}
+    grouped: dict[uuid.UUID, dict[tuple[str, str], list[dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list))
+    for entry, update, publisher in rows:
+        restricted = update.classification.value == "restricted"
+        topic = "" if restricted else (update.topics[0] if update.topics else "")
+        grouped[entry.bundle_id][(topic, publisher)].append({
+            "update_id": str(update.id), "chain_id": str(update.chain_id),
+            "version": update.version, "state": entry.state,
+            "title": "Restricted update" if restricted else update.title,
+            "summary": None if restricted else update.summary,
+            "priority": update.priority.value, "classification": update.classification.value,
+            "notice": restricted, "url": events.update_link(update.id),
+            "reasons": normalise_reasons(entry.reasons),
+        })
+    result = {}
+    for bundle in bundles:
+        sections = []
+        for (topic, publisher), items in grouped[bundle.id].items():
+            items.sort(key=lambda item: (item["priority"] != "urgent", item["title"]))
+            sections.append({"topic": topic or None,
+                             "topic_name": names.get(topic) if topic else None,
+                             "publisher": publisher, "count": len(items), "items": items})
+        sections.sort(key=lambda sec: (not any(i["priority"] == "urgent" for i in sec["items"]),
+                                       sec["topic_name"] or sec["topic"] or "~",
+                                       sec["publisher"]))
+        result[bundle.id] = {
+            "id": str(bundle.id), "subscription_id": str(bundle.subscription_id),
+            "cadence": bundle.cadence.value,
+            "window": {"start": bundle.window_start.isoformat(),
+                       "end": bundle.window_end.isoformat()},
+            "count": sum(sec["count"] for sec in sections), "sections": sections,
+        }
+    return result
+
+
+def list_bundles(session: Session, actor: audit.Actor, subscription_id: uuid.UUID | None,
+                 cursor: str | None, limit: int | None) -> Page[Bundle]:
+    stmt = sa.select(Bundle).where(Bundle.organisation_id == actor.organisation_id)
+    if subscription_id is not None:
+        stmt = stmt.where(Bundle.subscription_id == subscription_id)
+    return paginate(session, stmt, Bundle.id, cursor, limit, descending=True)
+
+
+def get_bundle(session: Session, actor: audit.Actor, bundle_id: uuid.UUID) -> Bundle:
+    bundle = session.get(Bundle, bundle_id)
+    if bundle is None or bundle.organisation_id != actor.organisation_id:
+        raise NotFound("bundle not found")
+    return bundle

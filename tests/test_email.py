@@ -1,0 +1,630 @@
+"""E-mail channel against a real SMTP server (aiosmtpd on 127.0.0.1): confirmation before the
+first send, rendering (languages, sanitised Markdown, safe headers, restricted notices),
+one-click unsubscribe (RFC 8058), and what 2xx, 4xx and 5xx replies do."""
+
+from __future__ import annotations
+
+import email
+import re
+import socket
+import threading
+from datetime import timedelta
+from email import policy
+from email.message import EmailMessage
+from html.parser import HTMLParser
+
+import pytest
+import sqlalchemy as sa
+from aiosmtpd.controller import Controller
+
+from domain import deliveries, events, mail, publishing
+from domain.models import (
+    AuditEntry,
+    Classification,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    Kind,
+    Level,
+    OutboxMessage,
+    Priority,
+)
+from domain.settings import get_settings
+from tests.factories import (
+    actor_for,
+    bearer,
+    create_email_subscription,
+    create_key,
+    create_org,
+    create_topic,
+    publish_update,
+)
+from workers import mail as mail_worker
+
+# ------------------------------------------------------------------------- SMTP server
+
+
+class Mailbox:
+    """aiosmtpd handler: keeps what it accepts; refuses chosen recipients at RCPT or DATA."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.received: list[tuple[str, list[str], bytes]] = []
+        self.rcpt_replies: dict[str, str] = {}
+        self.data_replies: dict[str, str] = {}
+        self.refused_data: list[bytes] = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        reply = self.rcpt_replies.get(address.lower())
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        content = envelope.original_content or envelope.content
+        for rcpt in envelope.rcpt_tos:
+            if rcpt.lower() in self.data_replies:
+                with self.lock:
+                    self.refused_data.append(content)
+                return self.data_replies[rcpt.lower()]
+        with self.lock:
+            self.received.append((envelope.mail_from, list(envelope.rcpt_tos), content))
+        return "250 2.0.0 Message accepted for delivery"
+
+    def reset(self) -> None:
+        with self.lock:
+            self.received.clear()
+            self.refused_data.clear()
+        self.rcpt_replies.clear()
+        self.data_replies.clear()
+
+    def to(self, address: str) -> list[EmailMessage]:
+        with self.lock:
+            found = [content for _, rcpts, content in self.received if address in rcpts]
+        return [email.message_from_bytes(c, policy=policy.default) for c in found]
+
+    def envelopes_to(self, address: str) -> list[tuple[str, list[str], bytes]]:
+        with self.lock:
+            return [e for e in self.received if address in e[1]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SmtpServer:
+    def __init__(self, mailbox: Mailbox, port: int) -> None:
+        self.mailbox = mailbox
+        self.url = f"smtp://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def smtp_server():
+    mailbox = Mailbox()
+    port = _free_port()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield SmtpServer(mailbox, port)
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def smtp(smtp_server):
+    smtp_server.mailbox.reset()
+    return smtp_server
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def world(db_session):
+    """A publisher, a municipality and a topic of their own."""
+    publisher = create_org(db_session, level=Level.flemish, kind=Kind.agency,
+                           name=f"Agentschap Test {create_topic(db_session).slug}")
+    town = create_org(db_session)
+    topic = create_topic(db_session).slug
+    return publisher, town, topic
+
+
+def send(session, smtp) -> int:
+    return mail_worker.send_due_emails(session, smtp_url=smtp.url)
+
+
+def deliveries_of(session, sub):
+    return list(session.scalars(sa.select(Delivery).where(Delivery.subscription_id == sub.id)
+                                .order_by(Delivery.created_at)))
+
+
+def body_parts(message: EmailMessage) -> tuple[str, str]:
+    assert message.get_content_type() == "multipart/alternative"
+    types = [part.get_content_type() for part in message.iter_parts()]
+    assert types == ["text/plain", "text/html"]
+    return (message.get_body(("plain",)).get_content(),
+            message.get_body(("html",)).get_content())
+
+
+def subject(message: EmailMessage) -> str:
+    # A subject that fits a continuation line whole is folded there ("Subject:\r\n [...]");
+    # unfolding leaves the folding space in front.
+    return str(message["Subject"]).strip()
+
+
+def audit_actions(session, sub) -> list[str]:
+    return list(session.scalars(sa.select(AuditEntry.action)
+                                .where(AuditEntry.object_id == str(sub.id))
+                                .order_by(AuditEntry.id)))
+
+
+class Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def tags_of(html: str) -> list[tuple[str, dict[str, str | None]]]:
+    parser = Tags()
+    parser.feed(html)
+    return parser.tags
+
+
+# ------------------------------------------------------------------- confirmation
+
+
+def test_confirmation_first_then_the_update(db_session, client, smtp, world):
+    publisher, town, topic = world
+    sub = create_email_subscription(db_session, town, filter={"topics": [topic]})
+    address = sub.channel["address"]
+    assert sub.email_verified_at is None and sub.email_confirm_token and sub.unsubscribe_token
+    queued = db_session.scalars(sa.select(OutboxMessage).where(
+        OutboxMessage.task == mail.SEND_CONFIRMATION_TASK)).all()
+    assert {"subscription_id": str(sub.id)} in [m.args for m in queued]
+
+    # The outbox task's core: one confirmation mail with the link.
+    assert mail_worker.send_confirmation(sub.id, db_session, smtp_url=smtp.url) is True
+    [confirmation] = smtp.mailbox.to(address)
+    assert subject(confirmation) == "Bevestig uw e-mailadres voor Doorstroom"
+    text, html = body_parts(confirmation)
+    link = re.search(r"https?://\S+/v1/email/confirm/([A-Za-z0-9_-]+)", text)
+    assert link is not None and link.group(1) == sub.email_confirm_token
+    assert link.group(0) in html
+
+    # Before confirmation nothing else goes out: the delivery is held.
+    update = publish_update(db_session, publisher, title="Nieuwe richtlijn", topics=[topic])
+    [delivery] = deliveries_of(db_session, sub)
+    assert delivery.status is DeliveryStatus.pending
+    send(db_session, smtp)
+    assert len(smtp.mailbox.to(address)) == 1
+    db_session.refresh(delivery)
+    assert delivery.status is DeliveryStatus.pending and delivery.attempt_count == 0
+    assert delivery.next_attempt_at > get_settings().now() + timedelta(minutes=5)
+    assert "not confirmed" in (delivery.last_error or "")
+
+    # The link confirms the address (no key needed) and releases what was held.
+    response = client.get(f"/v1/email/confirm/{link.group(1)}")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/html")
+    assert "bevestigd" in response.text
+    assert response.headers["referrer-policy"] == "no-referrer"
+    db_session.refresh(sub)
+    db_session.refresh(delivery)
+    assert sub.email_verified_at is not None
+    assert "subscription.email_confirmed" in audit_actions(db_session, sub)
+    assert delivery.next_attempt_at <= get_settings().now()
+
+    assert send(db_session, smtp) >= 1
+    messages = smtp.mailbox.to(address)
+    assert len(messages) == 2
+    message = messages[1]
+    assert subject(message) == "[Routine] Nieuwe richtlijn"
+    text, html = body_parts(message)
+    assert "Nieuwe richtlijn" in text and "Nieuwe richtlijn" in html
+    assert publisher.name in text
+    assert events.update_link(update.id) in text
+    public = get_settings().public_url.rstrip("/")
+    assert message["List-Unsubscribe"] == (
+        f"<{public}/v1/email/unsubscribe/{sub.unsubscribe_token}>")
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert message["Auto-Submitted"] == "auto-generated"
+    db_session.refresh(delivery)
+    assert message["Message-ID"].startswith(f"<{delivery.message_id}@")
+    assert delivery.status is DeliveryStatus.succeeded and delivery.attempt_count == 1
+    [attempt] = db_session.scalars(sa.select(DeliveryAttempt)
+                                   .where(DeliveryAttempt.delivery_id == delivery.id)).all()
+    assert attempt.status_code == 250
+
+    # A second confirmation click is harmless; JSON is available too.
+    again = client.get(f"/v1/email/confirm/{sub.email_confirm_token}",
+                       headers={"Accept": "application/json"})
+    assert again.status_code == 200
+    assert again.json() == {"status": "confirmed", "subscription_id": str(sub.id)}
+    assert audit_actions(db_session, sub).count("subscription.email_confirmed") == 1
+
+
+def test_unknown_links_are_404_problems(client):
+    for method, path in [("get", "/v1/email/confirm/" + "x" * 43),
+                         ("get", "/v1/email/unsubscribe/" + "y" * 43),
+                         ("post", "/v1/email/unsubscribe/" + "z" * 43),
+                         ("get", "/v1/email/confirm/short")]:
+        response = getattr(client, method)(path)
+        assert response.status_code == 404, path
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["type"].endswith("not-found")
+
+
+def test_changing_the_address_asks_for_confirmation_again(db_session, client):
+    org = create_org(db_session)
+    key = create_key(db_session, org, "subscribe")
+    sub = create_email_subscription(db_session, org, confirmed=True)
+    old_tokens = (sub.email_confirm_token, sub.unsubscribe_token)
+    assert sub.email_verified_at is not None
+
+    # Another language for the same address keeps the confirmation.
+    response = client.patch(f"/v1/subscriptions/{sub.id}", headers=bearer(key), json={
+        "channel": {"type": "email", "address": sub.channel["address"], "language": "fr"}})
+    assert response.status_code == 200, response.text
+    db_session.refresh(sub)
+    assert sub.email_verified_at is not None and sub.channel["language"] == "fr"
+
+    response = client.patch(f"/v1/subscriptions/{sub.id}", headers=bearer(key), json={
+        "channel": {"type": "email", "address": "nieuw@gemeente.example"}})
+    assert response.status_code == 200, response.text
+    db_session.refresh(sub)
+    assert sub.email_verified_at is None
+    assert sub.email_confirm_token not in old_tokens and sub.unsubscribe_token not in old_tokens
+    queued = db_session.scalars(sa.select(OutboxMessage.args).where(
+        OutboxMessage.task == mail.SEND_CONFIRMATION_TASK)).all()
+    assert sum(1 for args in queued if args == {"subscription_id": str(sub.id)}) == 2
+    assert "subscription.email_verification_started" in audit_actions(db_session, sub)
+    # The old confirmation link no longer works.
+    assert client.get(f"/v1/email/confirm/{old_tokens[0]}").status_code == 404
+
+
+def test_unconfirmed_deliveries_are_skipped_after_the_retry_horizon(db_session, smtp, world):
+    publisher, town, topic = world
+    sub = create_email_subscription(db_session, town, filter={"topics": [topic]})
+    publish_update(db_session, publisher, topics=[topic])
+    [delivery] = deliveries_of(db_session, sub)
+    delivery.created_at -= deliveries.RETRY_HORIZON + timedelta(minutes=1)
+    db_session.commit()
+    send(db_session, smtp)
+    db_session.refresh(delivery)
+    assert delivery.status is DeliveryStatus.skipped
+    assert delivery.last_error == "the e-mail address was never confirmed"
+    assert smtp.mailbox.to(sub.channel["address"]) == []
+
+
+# ------------------------------------------------------------------------- rendering
+
+
+@pytest.mark.parametrize(("language", "priority_label", "phrase", "unsubscribe"), [
+    (None, "Dringend", "publiceerde een nieuwe update", "Uitschrijven"),
+    ("fr", "Urgent", "a publié une nouvelle mise à jour", "Se désabonner"),
+    ("en", "Urgent", "published a new update", "Unsubscribe"),
+])
+def test_language_of_the_subscription(db_session, smtp, world, language, priority_label,
+                                      phrase, unsubscribe):
+    publisher, town, topic = world
+    sub = create_email_subscription(db_session, town, language=language, confirmed=True,
+                                    filter={"topics": [topic]})
+    publish_update(db_session, publisher, title="Hittegolf: fase oranje", topics=[topic],
+                   priority=Priority.urgent)
+    send(db_session, smtp)
+    [message] = smtp.mailbox.to(sub.channel["address"])
+    assert subject(message) == f"[{priority_label}] Hittegolf: fase oranje"
+    assert message["Content-Language"] == (language or "nl")
+    text, html = body_parts(message)
+    assert phrase in text and phrase in html
+    assert unsubscribe in text
+    assert f'<html lang="{language or "nl"}">' in html
+
+
+def test_markdown_body_is_sanitised_and_links_kept(db_session, smtp, world):
+    publisher, town, topic = world
+    sub = create_email_subscription(db_session, town, confirmed=True,
+                                    filter={"topics": [topic]})
+    body = ("# Richtlijn\n\nLees **dit** eerst.\n\n<script>alert('xss')</script>\n\n"
+            '<a href="https://evil.example" onclick="steal()">klik</a>\n\n'
+            '<img src=x onerror="alert(1)">\n\n'
+            "[De brochure](https://www.vlaanderen.be/brochure) en "
+            "[niet dit](javascript:alert(1)).\n")
+    publish_update(db_session, publisher, title="Opmaak", body=body, topics=[topic],
+                   links=[{"url": "https://example.org/meer", "title": "Meer info"}])
+    send(db_session, smtp)
+    [message] = smtp.mailbox.to(sub.channel["address"])
+    text, html = body_parts(message)
+    tags = tags_of(html)
+    names = [name for name, _ in tags]
+    assert "script" not in names and "img" not in names
+    assert "<script" not in html.lower()
+    assert not [a for _, attrs in tags for a in attrs if a.startswith("on")]
+    hrefs = [attrs.get("href") or "" for name, attrs in tags if name == "a"]
+    assert "https://www.vlaanderen.be/brochure" in hrefs
+    assert "https://example.org/meer" in hrefs
+    assert not [h for h in hrefs if h.lower().startswith("javascript")]
+    assert "strong" in names and "h1" in names
+    # The plain part carries the Markdown source as text.
+    assert "**dit**" in text and "https://example.org/meer" in text
+
+
+def test_a_title_with_line_breaks_injects_no_header(db_session, smtp, world):
+    publisher, town, topic = world
+    sub = create_email_subscription(db_session, town, confirmed=True,
+                                    filter={"topics": [topic]})
+    title = "Alarm\r\nBcc: attacker@evil.example\r\nX-Injected: yes\nTo: other@evil.example"
+    publish_update(db_session, publisher, title=title, topics=[topic])
+    send(db_session, smtp)
+    [(_, rcpts, raw)] = smtp.mailbox.envelopes_to(sub.channel["address"])
+    assert rcpts == [sub.channel["address"]]
+    message = email.message_from_bytes(raw, policy=policy.default)
+    assert message["Bcc"] is None and message["X-Injected"] is None
+    assert message.get_all("To") == [sub.channel["address"]]
+    assert subject(message) == ("[Routine] Alarm Bcc: attacker@evil.example X-Injected: yes "
+                                  "To: other@evil.example")
+    header_block = raw.split(b"\r\n\r\n", 1)[0].replace(b"\r\n ", b" ")
+    assert not re.search(rb"(?m)^(Bcc|X-Injected):", header_block)
+
+
+def test_header_text_strips_control_characters():
+    assert mail.header_text("a\r\nb\x00c\u2028d\te\u202ef") == "a b c d e f"
+    assert len(mail.header_text("x" * 500, 100)) == 100
+
+
+def test_a_restricted_update_is_a_notice_only(db_session, smtp, world):
+    publisher, town, topic = world
+    sub = create_email_subscription(db_session, town, confirmed=True, language="en")
+    update = publish_update(
+        db_session, publisher, title="Secret title XYZ", summary="Secret summary",
+        body="Confidential body ABC", topics=[topic], priority=Priority.important,
+        classification=Classification.restricted,
+        audience={"organisations": [str(town.id)]})
+    send(db_session, smtp)
+    [(_, _, raw)] = smtp.mailbox.envelopes_to(sub.channel["address"])
+    message = email.message_from_bytes(raw, policy=policy.default)
+    text, html = body_parts(message)
+    for secret in ("Secret title XYZ", "Secret summary", "Confidential body ABC"):
+        assert secret not in text and secret not in html
+        assert secret.encode() not in raw
+        assert secret not in subject(message)
+    assert subject(message) == f"[Important] New restricted update from {publisher.name}"
+    assert publisher.name in text and "Important" in text
+    assert events.update_link(update.id) in text and events.update_link(update.id) in html
+
+
+def test_corrections_and_withdrawals_have_their_own_wording(db_session, smtp, world):
+    publisher, town, topic = world
+    sub = create_email_subscription(db_session, town, confirmed=True,
+                                    filter={"topics": [topic]})
+    first = publish_update(db_session, publisher, title="Subsidieoproep", topics=[topic])
+    send(db_session, smtp)
+    publish_update(db_session, publisher, title="Subsidieoproep (nieuwe datum)",
+                   topics=[topic], supersedes=first.id, body="Nieuwe deadline: 1 juni.")
+    send(db_session, smtp)
+    latest = publishing.withdraw(db_session, actor_for(publisher, "publish"), first.id)
+    assert deliveries.create_withdrawal_deliveries(db_session, latest) == 1
+    db_session.commit()
+    send(db_session, smtp)
+    subjects = [subject(m) for m in smtp.mailbox.to(sub.channel["address"])]
+    assert subjects == ["[Routine] Subsidieoproep",
+                        "[Routine] Correctie: Subsidieoproep (nieuwe datum)",
+                        "[Routine] Ingetrokken: Subsidieoproep (nieuwe datum)"]
+    corrected, withdrawn = smtp.mailbox.to(sub.channel["address"])[1:]
+    assert "gecorrigeerd" in body_parts(corrected)[0]
+    assert "Nieuwe deadline" in body_parts(corrected)[0]
+    withdrawn_text = body_parts(withdrawn)[0]
+    assert "ingetrokken" in withdrawn_text and "Nieuwe deadline" not in withdrawn_text
+
+
+# ------------------------------------------------------------------------- unsubscribe
+
+
+def test_one_click_unsubscribe_suspends_that_subscription_only(db_session, client, smtp,
+                                                               world):
+    publisher, town, topic = world
+    key = create_key(db_session, town, "subscribe")
+    leaving = create_email_subscription(db_session, town, confirmed=True,
+                                        filter={"topics": [topic]})
+    staying = create_email_subscription(db_session, town, confirmed=True,
+                                        filter={"topics": [topic]})
+    path = f"/v1/email/unsubscribe/{leaving.unsubscribe_token}"
+    # Already queued for both before the unsubscribe.
+    publish_update(db_session, publisher, title="Eerste", topics=[topic])
+
+    # GET (a link scanner, or the person who clicks) only shows the form.
+    page = client.get(path)
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert 'method="post"' in page.text and f'action="{path}"' in page.text
+    assert 'name="List-Unsubscribe" value="One-Click"' in page.text
+    db_session.refresh(leaving)
+    assert leaving.suspended_at is None
+
+    # The RFC 8058 one-click POST, as a mail client sends it: no login.
+    response = client.post(path, content=b"List-Unsubscribe=One-Click",
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200, response.text
+    db_session.refresh(leaving)
+    db_session.refresh(staying)
+    assert leaving.suspended_at is not None
+    assert leaving.suspended_reason == "unsubscribed by the recipient"
+    assert staying.suspended_at is None
+    assert "subscription.unsubscribed" in audit_actions(db_session, leaving)
+    # Idempotent.
+    assert client.post(path).status_code == 200
+    assert audit_actions(db_session, leaving).count("subscription.unsubscribed") == 1
+
+    publish_update(db_session, publisher, title="Tweede", topics=[topic])
+    send(db_session, smtp)
+    assert [subject(m) for m in smtp.mailbox.to(staying.channel["address"])] == [
+        "[Routine] Eerste", "[Routine] Tweede"]
+    assert smtp.mailbox.to(leaving.channel["address"]) == []
+    [queued_before] = deliveries_of(db_session, leaving)
+    assert queued_before.status is DeliveryStatus.skipped
+    assert "suspended" in (queued_before.last_error or "")
+
+    # The organisation undoes it.
+    response = client.patch(f"/v1/subscriptions/{leaving.id}", headers=bearer(key),
+                            json={"active": True})
+    assert response.status_code == 200, response.text
+    db_session.refresh(leaving)
+    assert leaving.suspended_at is None and leaving.suspended_reason is None
+    assert "subscription.resumed" in audit_actions(db_session, leaving)
+    publish_update(db_session, publisher, title="Derde", topics=[topic])
+    send(db_session, smtp)
+    assert [subject(m) for m in smtp.mailbox.to(leaving.channel["address"])] == [
+        "[Routine] Derde"]
+
+
+def test_another_organisation_cannot_resume_a_subscription(db_session, client):
+    town = create_org(db_session)
+    other = create_org(db_session)
+    sub = create_email_subscription(db_session, town, confirmed=True)
+    client.post(f"/v1/email/unsubscribe/{sub.unsubscribe_token}")
+    response = client.patch(f"/v1/subscriptions/{sub.id}",
+                            headers=bearer(create_key(db_session, other, "subscribe")),
+                            json={"active": True})
+    assert response.status_code == 404
+    db_session.refresh(sub)
+    assert sub.suspended_at is not None
+
+
+# ----------------------------------------------------------------------- SMTP outcomes
+
+
+def test_a_permanent_refusal_fails_and_suspends(db_session, smtp, world):
+    publisher, town, topic = world
+    sub = create_email_subscription(db_session, town, confirmed=True,
+                                    filter={"topics": [topic]})
+    other = create_email_subscription(db_session, town, confirmed=True,
+                                      filter={"topics": [topic]})
+    smtp.mailbox.rcpt_replies[sub.channel["address"]] = "550 5.1.1 user unknown"
+    publish_update(db_session, publisher, topics=[topic])
+    send(db_session, smtp)
+    [delivery] = deliveries_of(db_session, sub)
+    assert delivery.status is DeliveryStatus.failed
+    assert delivery.last_status_code == 550 and delivery.next_attempt_at is None
+    [attempt] = db_session.scalars(sa.select(DeliveryAttempt)
+                                   .where(DeliveryAttempt.delivery_id == delivery.id)).all()
+    assert attempt.status_code == 550 and "user unknown" in attempt.error
+    db_session.refresh(sub)
+    assert sub.suspended_at is not None
+    assert sub.suspended_reason == "address rejected: 550 5.1.1 user unknown"
+    assert "subscription.suspended" in audit_actions(db_session, sub)
+    # The other address of the organisation is unaffected.
+    db_session.refresh(other)
+    assert other.suspended_at is None
+    assert len(smtp.mailbox.to(other.channel["address"])) == 1
+
+
+def test_a_temporary_refusal_is_retried_later_with_the_same_message_id(db_session, smtp,
+                                                                       world):
+    publisher, town, topic = world
+    sub = create_email_subscription(db_session, town, confirmed=True,
+                                    filter={"topics": [topic]})
+    address = sub.channel["address"]
+    smtp.mailbox.data_replies[address] = "451 4.3.0 try later"
+    publish_update(db_session, publisher, topics=[topic])
+    now = get_settings().now()
+    send(db_session, smtp)
+    [delivery] = deliveries_of(db_session, sub)
+    assert delivery.status is DeliveryStatus.pending and delivery.attempt_count == 1
+    assert delivery.next_attempt_at > now and delivery.leased_until is None
+    assert delivery.last_status_code == 451
+    [attempt] = db_session.scalars(sa.select(DeliveryAttempt)
+                                   .where(DeliveryAttempt.delivery_id == delivery.id)).all()
+    assert attempt.status_code == 451
+    db_session.refresh(sub)
+    assert sub.suspended_at is None
+    # Not due yet: nothing happens.
+    send(db_session, smtp)
+    db_session.refresh(delivery)
+    assert delivery.attempt_count == 1
+
+    # Time passes, the server takes mail again.
+    first_try = email.message_from_bytes(smtp.mailbox.refused_data[0], policy=policy.default)
+    smtp.mailbox.data_replies.clear()
+    delivery.next_attempt_at = get_settings().now() - timedelta(seconds=1)
+    db_session.commit()
+    send(db_session, smtp)
+    db_session.refresh(delivery)
+    assert delivery.status is DeliveryStatus.succeeded and delivery.attempt_count == 2
+    [message] = smtp.mailbox.to(address)
+    assert message["Message-ID"] == first_try["Message-ID"]
+
+
+def test_a_temporary_rcpt_refusal_keeps_the_delivery_pending(db_session, smtp, world):
+    publisher, town, topic = world
+    sub = create_email_subscription(db_session, town, confirmed=True,
+                                    filter={"topics": [topic]})
+    smtp.mailbox.rcpt_replies[sub.channel["address"]] = "451 4.3.0 try later"
+    publish_update(db_session, publisher, topics=[topic])
+    send(db_session, smtp)
+    [delivery] = deliveries_of(db_session, sub)
+    assert delivery.status is DeliveryStatus.pending and delivery.last_status_code == 451
+    assert delivery.next_attempt_at > get_settings().now()
+
+
+def test_an_unreachable_server_is_a_temporary_failure(db_session, world):
+    publisher, town, topic = world
+    sub = create_email_subscription(db_session, town, confirmed=True,
+                                    filter={"topics": [topic]})
+    publish_update(db_session, publisher, topics=[topic])
+    mail_worker.send_due_emails(db_session, smtp_url=f"smtp://127.0.0.1:{_free_port()}")
+    [delivery] = deliveries_of(db_session, sub)
+    assert delivery.status is DeliveryStatus.pending and delivery.attempt_count == 1
+    assert delivery.last_status_code is None and delivery.last_error
+    assert delivery.next_attempt_at > get_settings().now()
+
+
+def test_a_refused_confirmation_suspends_and_a_deferred_one_is_retried(db_session, smtp):
+    town = create_org(db_session)
+    refused = create_email_subscription(db_session, town)
+    deferred = create_email_subscription(db_session, town)
+    smtp.mailbox.rcpt_replies[refused.channel["address"]] = "550 5.1.1 user unknown"
+    smtp.mailbox.rcpt_replies[deferred.channel["address"]] = "451 4.3.0 try later"
+    assert mail_worker.send_confirmation(refused.id, db_session, smtp_url=smtp.url) is False
+    db_session.refresh(refused)
+    assert refused.suspended_reason == "address rejected: 550 5.1.1 user unknown"
+    with pytest.raises(mail_worker.MailSendError) as raised:
+        mail_worker.send_confirmation(deferred.id, db_session, smtp_url=smtp.url)
+    assert raised.value.code == 451 and not raised.value.permanent
+    db_session.refresh(deferred)
+    assert deferred.suspended_at is None
+    # Once confirmed, no confirmation mail is owed any more.
+    mail.confirm_address(db_session, deferred.email_confirm_token)
+    smtp.mailbox.rcpt_replies.clear()
+    assert mail_worker.send_confirmation(deferred.id, db_session, smtp_url=smtp.url) is False
+
+
+def test_send_notice_email(smtp):
+    mail_worker.send_notice_email("beheer@gemeente.example",
+                                  "Webhook disabled\r\nBcc: x@evil.example",
+                                  "Your endpoint https://hooks.example was disabled.",
+                                  smtp_url=smtp.url)
+    [message] = smtp.mailbox.to("beheer@gemeente.example")
+    assert subject(message) == "Webhook disabled Bcc: x@evil.example"
+    assert message["Bcc"] is None
+    assert message.get_content_type() == "text/plain"
+    assert "was disabled" in message.get_content()
+
+
+def test_smtp_urls():
+    config = mail_worker.SmtpConfig.parse("smtps://user%40x:p%3Ass@mail.example")
+    assert (config.host, config.port, config.implicit_tls, config.starttls) == (
+        "mail.example", 465, True, False)
+    assert (config.username, config.password) == ("user@x", "p:ss")
+    config = mail_worker.SmtpConfig.parse(
+        "smtp://relay.example?starttls=true&from=Doorstroom%20%3Cnoreply%40d.example%3E")
+    assert (config.port, config.starttls, config.username) == (587, True, None)
+    assert config.sender == "Doorstroom <noreply@d.example>"
+    assert mail_worker.SmtpConfig.parse("smtp://localhost:2525").port == 2525
+    with pytest.raises(ValueError):
+        mail_worker.SmtpConfig.parse("http://mail.example")

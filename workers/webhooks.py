@@ -1,0 +1,407 @@
+"""Webhook sending: signed CloudEvents over HTTP, to the address that passed the SSRF check.
+
+`send_due` is the core: claim a batch of due deliveries (leased in the database), send it
+concurrently, record every attempt. The Celery task `deliveries.send_due` is a thin shell
+around it, run by the scheduler every `delivery_poll_seconds` and after routing.
+
+Every send checks its URL again (`domain.ssrf.resolve_target`) and then connects to the very
+address it checked: the request URL carries the IP literal, the `Host` header and the TLS
+server name (SNI, verified against the certificate) carry the real host name. So a DNS answer
+that changes between the check and the connection (rebinding) cannot redirect a webhook into
+our network. Redirects are never followed.
+
+Headers follow Standard Webhooks: `webhook-id` (the delivery's message id, the same on every
+retry), `webhook-timestamp` and `webhook-signature` (one `v1,…` entry per secret: during a
+rotation's grace period both the new and the previous secret sign).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import email.utils
+import functools
+import ipaddress
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Coroutine
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import httpx
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+from standardwebhooks.webhooks import Webhook
+
+from domain import deliveries, events, outbox
+from domain.db import session_scope
+from domain.deliveries import Outcome, WebhookSend
+from domain.errors import InvalidInput, NotFound
+from domain.models import WebhookEndpoint
+from domain.settings import Settings, get_settings
+from domain.ssrf import Resolver, Target, UnsafeTarget, resolve_target, system_resolver
+from workers.celery_app import celery_app
+
+log = logging.getLogger("doorstroom.webhooks")
+
+USER_AGENT = "Doorstroom-Webhooks/1"
+#: Errors of URLs refused before any packet left start with this (they are not retried).
+REFUSED = "refused: "
+#: How much of a response body is read (for the attempt's error text and to keep the
+#: connection reusable); a longer body is cut off and its connection closed.
+MAX_RESPONSE_BYTES = 64 * 1024
+ERROR_BODY_CHARS = 200
+#: Requests in flight at once over the whole batch (each endpoint also has its own limit).
+MAX_IN_FLIGHT = 256
+#: `send_due` claims again while batches come back full, at most this often and this long.
+MAX_ROUNDS = 20
+MAX_RUN_SECONDS = 600.0
+#: A batch stops starting requests this long before its lease would run out, plus one
+#: request timeout, so that no other sender can claim a delivery that is still in flight.
+LEASE_MARGIN_SECONDS = 10.0
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------- the client
+
+
+class ServerNamePools(httpx.AsyncBaseTransport):
+    """One connection pool per TLS server name.
+
+    httpcore pools connections by (scheme, host, port); our URLs carry IP literals, so two
+    host names on one IP (a shared host, a CDN) would share a TLS connection whose
+    certificate was only verified for the first name. Keeping a pool per server name
+    prevents that; plain-HTTP requests share one pool."""
+
+    def __init__(self, make_pool: Callable[[], httpx.AsyncBaseTransport]) -> None:
+        self._make_pool = make_pool
+        self._pools: dict[str, httpx.AsyncBaseTransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        name = str(request.extensions.get("sni_hostname") or "")
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = self._make_pool()
+        return await pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            await pool.aclose()
+
+
+def make_client(timeout: float, *, transport: httpx.AsyncBaseTransport | None = None,
+                pool_size: int = MAX_IN_FLIGHT) -> httpx.AsyncClient:
+    """One HTTP/1.1 keep-alive client for a whole batch. `transport` replaces the network
+    (tests pass one that refuses everything but loopback)."""
+    limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size,
+                          keepalive_expiry=30.0)
+    if transport is None:
+        transport = ServerNamePools(lambda: httpx.AsyncHTTPTransport(
+            limits=limits, http1=True, http2=False, retries=0, trust_env=False))
+    return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(timeout),
+                             follow_redirects=False, trust_env=False,
+                             headers={"user-agent": USER_AGENT})
+
+
+# ----------------------------------------------------------------------------- one request
+
+
+class _Signers:
+    """`Webhook` objects per secret, made once per batch."""
+
+    def __init__(self) -> None:
+        self._by_secret: dict[str, Webhook] = {}
+
+    def signature(self, secrets: tuple[str, ...], msg_id: str, at: datetime,
+                  payload: str) -> str:
+        entries = []
+        for secret in dict.fromkeys(secrets):  # unique, in order: current secret first
+            signer = self._by_secret.get(secret)
+            if signer is None:
+                signer = self._by_secret[secret] = Webhook(secret)
+            entries.append(signer.sign(msg_id, at, payload))
+        return " ".join(entries)
+
+
+def sign(secrets: tuple[str, ...], msg_id: str, at: datetime, payload: str) -> str:
+    """The `webhook-signature` header value: `v1,<base64>` per secret, space separated."""
+    return _Signers().signature(secrets, msg_id, at, payload)
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def build_request(client: httpx.AsyncClient, item: WebhookSend, target: Target,
+                  signature: str, timestamp: int) -> httpx.Request:
+    """A POST to the checked IP, speaking to the original host (Host header, TLS name)."""
+    ip = f"[{target.ip}]" if ":" in target.ip else target.ip
+    default_port = 443 if target.scheme == "https" else 80
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    headers = {
+        "host": host if target.port == default_port else f"{host}:{target.port}",
+        "content-type": events.CONTENT_TYPE,
+        "user-agent": USER_AGENT,
+        "accept-encoding": "identity",
+        "webhook-id": item.message_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signature,
+    }
+    extensions: dict[str, Any] = {}
+    if target.scheme == "https" and not _is_ip_literal(target.host):
+        extensions["sni_hostname"] = target.host  # the certificate is checked for this name
+    return client.build_request("POST", f"{target.scheme}://{ip}:{target.port}{target.path}",
+                                headers=headers, content=item.payload.encode("utf-8"),
+                                extensions=extensions)
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """`Retry-After` as seconds from now: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+async def _read_some(response: httpx.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= MAX_RESPONSE_BYTES:
+            break
+    return b"".join(chunks)[:MAX_RESPONSE_BYTES]
+
+
+def _describe(response: httpx.Response, body: bytes) -> str | None:
+    status = response.status_code
+    if 200 <= status < 300:
+        return None
+    text = f"HTTP {status} {response.reason_phrase}".rstrip()
+    if 300 <= status < 400:
+        text += f": redirect to {response.headers.get('location', '?')} not followed"
+    excerpt = " ".join(body.decode("utf-8", "replace").split())[:ERROR_BODY_CHARS]
+    return f"{text}: {excerpt}" if excerpt else text
+
+
+async def _attempt(client: httpx.AsyncClient, item: WebhookSend, signers: _Signers,
+                   lookups: concurrent.futures.Executor, *, resolver: Resolver,
+                   allow_loopback: bool, require_https: bool, timeout: float) -> Outcome:
+    at = get_settings().now()
+    resolver_called = False
+
+    def tracking_resolver(host: str, port: int) -> list[str]:
+        nonlocal resolver_called
+        resolver_called = True
+        return resolver(host, port)
+
+    started: float | None = None
+
+    def latency() -> int | None:
+        return None if started is None else int((time.perf_counter() - started) * 1000)
+
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                target = await asyncio.get_running_loop().run_in_executor(
+                    lookups, functools.partial(
+                        resolve_target, item.url, allow_loopback=allow_loopback,
+                        require_https=require_https, resolver=tracking_resolver))
+            except UnsafeTarget as exc:
+                return Outcome(item.delivery_id, at, None, error=REFUSED + exc.detail,
+                               permanent=True)
+            except InvalidInput as exc:
+                if resolver_called:  # the name did not resolve: DNS may answer later
+                    return Outcome(item.delivery_id, at, None, error=f"dns: {exc.detail}")
+                return Outcome(item.delivery_id, at, None, error=REFUSED + exc.detail,
+                               permanent=True)
+            signed_at = datetime.now(UTC).replace(microsecond=0)  # receivers' clocks: real time
+            signature = signers.signature(item.secrets, item.message_id, signed_at,
+                                          item.payload)
+            request = build_request(client, item, target, signature,
+                                    int(signed_at.timestamp()))
+            started = time.perf_counter()
+            response = await client.send(request, stream=True, follow_redirects=False)
+            try:
+                body = await _read_some(response)
+            finally:
+                await response.aclose()
+    except TimeoutError:
+        return Outcome(item.delivery_id, at, latency(),
+                       error=f"timeout: no complete answer within {timeout:g} s")
+    except (httpx.HTTPError, OSError) as exc:
+        detail = str(exc) or "the connection ended without an answer"
+        return Outcome(item.delivery_id, at, latency(), error=f"{type(exc).__name__}: {detail}")
+    except Exception as exc:  # noqa: BLE001 - one broken item must not sink the batch
+        log.exception("webhook delivery %s: unexpected error", item.delivery_id)
+        return Outcome(item.delivery_id, at, latency(),
+                       error=f"internal: {type(exc).__name__}: {exc}")
+    status = response.status_code
+    retry_after = (parse_retry_after(response.headers.get("retry-after"))
+                   if status in (429, 503) else None)
+    return Outcome(item.delivery_id, at, latency(), status_code=status,
+                   error=_describe(response, body), retry_after=retry_after)
+
+
+# ----------------------------------------------------------------------------- a batch
+
+
+async def send_batch(batch: list[WebhookSend], *, resolver: Resolver = system_resolver,
+                     allow_loopback: bool, require_https: bool, timeout: float,
+                     per_endpoint: int, client: httpx.AsyncClient | None = None,
+                     transport: httpx.AsyncBaseTransport | None = None,
+                     max_in_flight: int = MAX_IN_FLIGHT,
+                     budget: float | None = None) -> list[Outcome]:
+    """Send every item concurrently over one client and answer one Outcome per item sent.
+
+    Each endpoint gets at most `per_endpoint` requests at once, so a slow endpoint only slows
+    itself; each attempt (address check included) is bounded by `timeout` seconds in total.
+    With a `budget` (seconds), items that could not start within it are not sent and get no
+    Outcome (the caller gives their leases back)."""
+    if not batch:
+        return []
+    own_client = client is None
+    http = client or make_client(timeout, transport=transport, pool_size=max_in_flight)
+    gates: defaultdict[uuid.UUID, asyncio.Semaphore] = defaultdict(
+        lambda: asyncio.Semaphore(max(1, per_endpoint)))
+    overall = asyncio.Semaphore(max(1, max_in_flight))
+    signers = _Signers()
+    # DNS lookups block: they run in threads of their own, which are not waited for at the
+    # end (a lookup that hangs past its timeout must not hold up the batch).
+    lookups = concurrent.futures.ThreadPoolExecutor(
+        max_workers=min(32, len(batch)), thread_name_prefix="webhook-dns")
+    deadline = None if budget is None else time.monotonic() + budget
+
+    async def one(item: WebhookSend) -> Outcome | None:
+        async with gates[item.endpoint_id], overall:
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+            return await _attempt(http, item, signers, lookups, resolver=resolver,
+                                  allow_loopback=allow_loopback, require_https=require_https,
+                                  timeout=timeout)
+
+    try:
+        results = await asyncio.gather(*(one(item) for item in batch))
+    finally:
+        lookups.shutdown(wait=False, cancel_futures=True)
+        if own_client:
+            await http.aclose()
+    return [r for r in results if r is not None]
+
+
+def require_https_for(settings: Settings) -> bool:
+    return settings.environment not in ("development", "test")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, also from a thread whose event loop is already running."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+SessionFactory = Callable[[], AbstractContextManager[Session]]
+
+
+def send_due(limit: int = 500, *, session_factory: SessionFactory = session_scope,
+             resolver: Resolver = system_resolver,
+             transport: httpx.AsyncBaseTransport | None = None,
+             max_rounds: int = MAX_ROUNDS) -> int:
+    """Send every due webhook delivery: claim a batch, send it, record the outcomes; again
+    while batches come back full (bounded). Answers the number of attempts made."""
+    settings = get_settings()
+    timeout = settings.webhook_timeout_seconds
+    budget = max(1.0, deliveries.LEASE.total_seconds() - timeout - LEASE_MARGIN_SECONDS)
+    started = time.monotonic()
+    sent = 0
+    for _ in range(max_rounds):
+        with session_factory() as session:
+            batch = deliveries.claim_due_webhooks(session, limit)
+        if not batch:
+            break
+        outcomes = _run(send_batch(
+            batch, resolver=resolver, allow_loopback=settings.webhook_allow_loopback,
+            require_https=require_https_for(settings), timeout=timeout,
+            per_endpoint=settings.webhook_per_endpoint_concurrency, transport=transport,
+            budget=budget))
+        done = {o.delivery_id for o in outcomes}
+        unsent = [item.delivery_id for item in batch if item.delivery_id not in done]
+        with session_factory() as session:
+            deliveries.record_outcomes(session, outcomes)
+            if unsent:
+                deliveries.release_leases(session, unsent)
+        sent += len(outcomes)
+        log.info("webhooks: %d sent (%d succeeded), %d given back", len(outcomes),
+                 sum(o.succeeded for o in outcomes), len(unsent))
+        if unsent or len(batch) < limit or time.monotonic() - started > MAX_RUN_SECONDS:
+            break
+    return sent
+
+
+@celery_app.task(name=deliveries.SEND_TASK, autoretry_for=(OperationalError,),
+                 retry_backoff=2, retry_backoff_max=60, max_retries=10)
+def send_due_task(outbox_id: int | None = None, **_ignored: Any) -> int:
+    """Send what is due. HTTP failures are recorded as attempts (and retried through
+    `next_attempt_at`), never by retrying this task; only a database hiccup retries it."""
+    sent = send_due()
+    if outbox_id is not None:
+        with session_scope() as session:
+            outbox.mark_completed(session, outbox_id)
+            session.commit()
+    return sent
+
+
+# ----------------------------------------------------------------------------- ping
+
+
+def _ping_item(session: Session, endpoint_id: uuid.UUID) -> WebhookSend:
+    endpoint = session.get(WebhookEndpoint, endpoint_id)
+    if endpoint is None:
+        raise NotFound("webhook endpoint not found")
+    now = get_settings().now()
+    message_id = f"msg_{uuid.uuid4().hex}"
+    payload = events.ping_event(endpoint.id, f"ping_{uuid.uuid4().hex}", now)
+    return WebhookSend(uuid.uuid4(), message_id, endpoint.id, endpoint.url,
+                       deliveries.signing_secrets(endpoint, now), payload, events.PING)
+
+
+def send_ping(endpoint_id: uuid.UUID, *, session: Session | None = None,
+              resolver: Resolver = system_resolver,
+              transport: httpx.AsyncBaseTransport | None = None) -> Outcome:
+    """Send one signed `be.doorstroom.endpoint.ping` event to the endpoint now (enabled or
+    not) and answer what came back. Nothing is stored. Pass `session` to read the endpoint
+    in the caller's transaction (the API's); without it a session of its own is opened."""
+    if session is None:
+        with session_scope() as own:
+            item = _ping_item(own, endpoint_id)
+    else:
+        item = _ping_item(session, endpoint_id)
+    settings = get_settings()
+    outcomes = _run(send_batch(
+        [item], resolver=resolver, allow_loopback=settings.webhook_allow_loopback,
+        require_https=require_https_for(settings), timeout=settings.webhook_timeout_seconds,
+        per_endpoint=1, transport=transport))
+    return outcomes[0]
