@@ -20,9 +20,11 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from html import escape
 from typing import Any
 from urllib.parse import urlencode
 from xml.etree import ElementTree as ET
+from zoneinfo import ZoneInfo
 
 import nh3
 import sqlalchemy as sa
@@ -171,8 +173,7 @@ def feed_page(session: Session, sub: Subscription, cursor: str | None,
         base = base.where(sa.or_(InboxItem.received_at < at,
                                  sa.and_(InboxItem.received_at == at,
                                          InboxItem.chain_id < chain)))
-    # Daily and weekly subscriptions will have one entry per bundle here, once bundles
-    # exist; until then every cadence serves the per-update entries below.
+    # (Daily and weekly subscriptions have one entry per bundle: see `bundle_feed`.)
     rows = session.execute(base.order_by(InboxItem.received_at.desc(),
                                          InboxItem.chain_id.desc()).limit(size + 1)).all()
     next_cursor = (encode_cursor(rows[size - 1][0].received_at, rows[size - 1][0].chain_id)
@@ -317,3 +318,78 @@ def render(page: FeedPage) -> bytes:
         else:
             _entry(feed, page, entry)
     return ET.tostring(feed, encoding="utf-8", xml_declaration=True)
+
+
+# ------------------------------------------------------------------- daily and weekly feeds
+
+
+def bundle_feed(session: Session, sub: Subscription, cursor: str | None,
+                limit: int | None) -> bytes:
+    """A daily or weekly subscription's feed: one entry per bundle, newest first."""
+    from domain.bundles import bundle_contents
+    from domain.models import Bundle
+
+    size = clamp_limit(limit)
+    organisation = session.get(Organisation, sub.organisation_id)
+    assert organisation is not None
+    stmt = sa.select(Bundle).where(Bundle.subscription_id == sub.id)
+    if cursor:
+        at, bundle_id = decode_cursor(cursor)
+        stmt = stmt.where(sa.or_(Bundle.window_end < at,
+                                 sa.and_(Bundle.window_end == at, Bundle.id < bundle_id)))
+    found = list(session.scalars(stmt.order_by(Bundle.window_end.desc(), Bundle.id.desc())
+                                 .limit(size + 1)))
+    next_cursor = (encode_cursor(found[size - 1].window_end, found[size - 1].id)
+                   if len(found) > size else None)
+    found = found[:size]
+    contents = bundle_contents(session, found)
+    token = sub.feed_token or ""
+    feed = ET.Element(_a("feed"), {"xmlns": ATOM_NS})
+    _el(feed, _a("id"), f"urn:uuid:{sub.id}")
+    _el(feed, _a("title"), f"Doorstroom – {organisation.name}", type="text")
+    if sub.name:
+        _el(feed, _a("subtitle"), sub.name, type="text")
+    newest = found[0].built_at if found and found[0].built_at else sub.created_at
+    _el(feed, _a("updated"), atom_date(newest))
+    _person(feed, _a("author"), "Doorstroom")
+    _el(feed, _a("generator"), "Doorstroom", version=GENERATOR_VERSION)
+    _el(feed, _a("link"), rel="self", type="application/atom+xml",
+        href=feed_url(token, cursor, limit))
+    _el(feed, _a("link"), rel="first", type="application/atom+xml",
+        href=feed_url(token, None, limit))
+    if next_cursor:
+        _el(feed, _a("link"), rel="next", type="application/atom+xml",
+            href=feed_url(token, next_cursor, limit))
+    for bundle in found:
+        content = contents[bundle.id]
+        local_end = bundle.window_end.astimezone(ZoneInfo(get_settings().timezone))
+        element = _el(feed, _a("entry"))
+        _el(element, _a("id"), f"urn:uuid:{bundle.id}")
+        _el(element, _a("title"), f"Doorstroom {bundle.cadence.value} bundle "
+            f"{local_end:%Y-%m-%d}: {content['count']} update(s)", type="text")
+        _el(element, _a("updated"), atom_date(bundle.built_at or bundle.window_end))
+        _person(element, _a("author"), "Doorstroom")
+        _el(element, _a("link"), rel="alternate",
+            href=f"{get_settings().public_url.rstrip('/')}/v1/bundles/{bundle.id}")
+        _el(element, _a("category"), term=bundle.cadence.value, scheme=CADENCE_SCHEME)
+        _el(element, _a("content"), _bundle_html(content), type="html")
+    return ET.tostring(feed, encoding="utf-8", xml_declaration=True)
+
+
+CADENCE_SCHEME = "urn:doorstroom:cadence"
+_STATE_LABEL = {"new": "", "corrected": " (corrected since the last bundle)",
+                "withdrawn": " (withdrawn)", "already_sent": " (already sent)"}
+
+
+def _bundle_html(content: dict[str, Any]) -> str:
+    """Sections as HTML; every piece of text escaped, then sanitised like all content."""
+    parts: list[str] = []
+    for section in content["sections"]:
+        heading = section["topic_name"] or section["topic"] or "Other"
+        parts.append(f"<h2>{escape(heading)} – {escape(section['publisher'])} "
+                     f"({section['count']})</h2><ul>")
+        for item in section["items"]:
+            parts.append(f'<li><a href="{escape(item["url"])}">{escape(item["title"])}</a>'
+                         f"{escape(_STATE_LABEL[item['state']])}</li>")
+        parts.append("</ul>")
+    return nh3.clean(clean_text("".join(parts)))

@@ -250,3 +250,26 @@ def test_bundles_api_lists_own_bundles_only(client, db_session, world):
     assert client.get(f"/v1/bundles/{bundle.id}", headers=bearer(stranger)).status_code == 404
     assert client.get("/v1/bundles", headers=bearer(stranger)).json()["items"] == []
     assert Subscription is not None
+
+
+def test_a_daily_feed_has_one_entry_per_bundle(client, db_session, world):
+    import feedparser
+
+    t = world["topics"]
+    city = world["city"]
+    feed_sub = create_subscription(db_session, city, cadence="daily", send_at="08:00",
+                                   channel={"type": "feed"})
+    feed_sub.bundled_until = MON
+    db_session.commit()
+    for day in range(2):
+        update = publish_update(db_session, world["agency"], topics=[t["education"]],
+                                title=f"Day {day}")
+        arrive(db_session, update, MON + timedelta(days=day, hours=3))
+    bundles.run_due_bundles(db_session, WED)
+    response = client.get(f"/v1/feeds/{feed_sub.feed_token}")
+    assert response.status_code == 200
+    parsed = feedparser.parse(response.content)
+    assert not parsed.bozo
+    assert len(parsed.entries) == 2
+    assert all(e.id.startswith("urn:uuid:") and e.updated and e.title for e in parsed.entries)
+    assert "Day 1" in parsed.entries[0].content[0].value  # newest bundle first

@@ -41,8 +41,10 @@ def get_feed(token: str, request: Request, session: SessionDep,
 
     subscription = feeds.subscription_for_token(session, token)
     enforce_rate_limit(f"feed:{subscription.id}")
-    page = feeds.feed_page(session, subscription, cursor, limit)
-    body = feeds.render(page)
+    if subscription.cadence.value == "immediate":
+        body = feeds.render(feeds.feed_page(session, subscription, cursor, limit))
+    else:
+        body = feeds.bundle_feed(session, subscription, cursor, limit)
     headers = {
         "ETag": f'"{hashlib.sha256(body).hexdigest()[:32]}"',
         # The URL is a credential: shared caches must not keep it; readers revalidate.

@@ -102,7 +102,7 @@ def ping(endpoint_id: str, actor: SubscriberDep, session: SessionDep) -> dict[st
     endpoint = endpoints.get_endpoint(session, actor, parse_id(endpoint_id, "webhook endpoint"))
     from workers.webhooks import send_ping
 
-    outcome = send_ping(endpoint.id)
+    outcome = send_ping(endpoint.id, session=session)
     return {"ok": outcome.succeeded, "status_code": outcome.status_code,
             "latency_ms": outcome.latency_ms, "error": outcome.error}
 
