@@ -28,7 +28,10 @@ from domain.pagination import Page, paginate
 from domain.settings import get_settings
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
-_EMAIL = re.compile(r"^[^@\s\r\n]+@[^@\s\r\n]+\.[^@\s\r\n]+$")
+#: One plain addr-spec: no spaces, control characters or the specials that would make a
+#: header list ("a,b@c.be") or a display name of it.
+_EMAIL = re.compile(r'^[^@\s\x00-\x1f\x7f,;:<>()\[\]\\"]+@[^@\s\x00-\x1f\x7f,;:<>()\[\]\\"]+'
+                    r'\.[^@\s\x00-\x1f\x7f,;:<>()\[\]\\"]+$')
 
 
 @dataclass

@@ -145,10 +145,8 @@ def test_audit_log_is_append_only(db_session):
     import pytest
     from sqlalchemy.exc import DBAPIError
 
-    with pytest.raises(DBAPIError, match="append-only"):
-        with db_session.begin_nested():
-            db_session.execute(sa.update(AuditEntry).where(AuditEntry.id == entry_id)
-                               .values(action="tampered"))
-    with pytest.raises(DBAPIError, match="append-only"):
-        with db_session.begin_nested():
-            db_session.execute(sa.delete(AuditEntry).where(AuditEntry.id == entry_id))
+    with pytest.raises(DBAPIError, match="append-only"), db_session.begin_nested():
+        db_session.execute(sa.update(AuditEntry).where(AuditEntry.id == entry_id)
+                           .values(action="tampered"))
+    with pytest.raises(DBAPIError, match="append-only"), db_session.begin_nested():
+        db_session.execute(sa.delete(AuditEntry).where(AuditEntry.id == entry_id))
