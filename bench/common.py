@@ -34,8 +34,9 @@ class Row:
     direction: str  # "min" or "max": which way is better
     baseline: float | None
     ratio: float | None
-    target: float
-    met: bool
+    #: None (and `met` None) for figures reported without a target (e.g. scaling rows).
+    target: float | None
+    met: bool | None
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,8 +62,51 @@ def relative_row(name: str, value: float, baseline: float, unit: str, target_rat
                baseline=round(baseline, 6), ratio=round(ratio, 3), target=target_ratio, met=met)
 
 
+def absolute_row(name: str, value: float, unit: str, target: float | None,
+                 direction: str = "min") -> Row:
+    """A row judged on its value alone (no baseline): at most `target` for "min", at least
+    for "max"; without a target, `met` is None."""
+    met = None if target is None else (value <= target if direction == "min"
+                                       else value >= target)
+    return Row(name=name, value=round(value, 6), unit=unit, direction=direction,
+               baseline=None, ratio=None, target=target, met=met)
+
+
 def median(samples: list[float]) -> float:
     return statistics.median(samples)
+
+
+def percentile(samples: list[float], p: float) -> float:
+    """The p-th percentile (0-100), linear between the closest ranks (numpy's default)."""
+    ordered = sorted(samples)
+    if not ordered:
+        raise ValueError("no samples")
+    rank = (len(ordered) - 1) * p / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def point_product_at(url: str) -> None:
+    """Point the product's settings (and its cached engine) at the database `url`.
+
+    The product reads its settings once (`get_settings` is cached) and makes one engine from
+    them; each workload has a database of its own, so both caches are cleared here. Imports
+    the product lazily: call it before using code under test, never from a baseline."""
+    os.environ["DOORSTROOM_DATABASE_URL"] = url
+    import sys
+
+    if "domain.settings" in sys.modules:
+        from domain.settings import get_settings
+
+        get_settings.cache_clear()
+    if "domain.db" in sys.modules:
+        from domain.db import get_engine, get_sessionmaker
+
+        if get_engine.cache_info().currsize:
+            get_engine().dispose()
+        get_engine.cache_clear()
+        get_sessionmaker.cache_clear()
 
 
 def database_url(name: str) -> str:

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import UTC, timedelta
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from domain import directory, keys, publishing, routing, rules, subscriptions
 from domain.audit import SYSTEM, Actor
+from domain.bundles import bundle_contents, run_due_bundles
 from domain.db import session_scope
 from domain.models import (
+    Bundle,
+    Cadence,
     Classification,
     Group,
     InboxItem,
@@ -33,6 +38,7 @@ CITIES = {"11002": "Antwerpen", "44021": "Gent", "12025": "Mechelen", "23088": "
           "24062": "Leuven", "34022": "Kortrijk"}
 FLEMISH_PROVINCES = ["10000", "20001", "30000", "40000", "70000"]
 _ROUTING_WAIT_SECONDS = 30
+DAILY_BUNDLE = "Dagelijkse bundel"
 
 
 def _org(session: Session, *, code: str | None = None, nis: str | None = None) -> Organisation:
@@ -66,6 +72,8 @@ def _ensure_setup(session: Session) -> dict[str, Organisation]:
     _ensure_subscription(session, orgs["Gent"], "Onderwijs en polarisatie",
                          filter={"topics": ["polarisation", "education"],
                                  "target_roles": ["prevention_officer"]})
+    _ensure_subscription(session, orgs["Mechelen"], DAILY_BUNDLE,
+                         filter={}, cadence=Cadence.daily, send_at="08:00")
     _ensure_subscription(session, orgs["Leuven"], "Lokaal preventiebeleid",
                          filter={"topics": ["local-prevention-policy"],
                                  "publisher_levels": ["flemish"]})
@@ -125,6 +133,52 @@ def _describe_reasons(session: Session, reasons: object) -> str:
         else:
             parts.append("named in the audience")
     return ", ".join(parts)
+
+
+def _show_daily_bundle(city: Organisation) -> None:
+    """Mechelen reads everything once a day. So that the demo need not wait until 08:00,
+    its daily subscription is moved to the coming minute; the scheduler in the worker (or
+    this process, if no worker does it in time) builds the bundle when that minute comes."""
+    tz = ZoneInfo(get_settings().timezone)
+    with session_scope() as session:
+        sub = session.scalars(sa.select(Subscription).where(
+            Subscription.organisation_id == city.id, Subscription.name == DAILY_BUNDLE)).one()
+        now = get_settings().now()
+        due = (now + timedelta(minutes=1)).astimezone(tz).replace(second=0, microsecond=0)
+        subscriptions.update_subscription(session, _actor(city, "subscribe"), sub.id,
+                                          {"send_at": due.strftime("%H:%M")})
+        # The window closing now starts where the last one ended, or a day ago.
+        if sub.bundled_until is None or sub.bundled_until < now - timedelta(days=1):
+            sub.bundled_until = due.astimezone(UTC) - timedelta(days=1)
+            session.commit()
+        sub_id = sub.id
+    print(f"\n4. {city.name} takes a daily bundle; its window closes at {due:%H:%M} "
+          "(the demo moved it from 08:00 to the coming minute)")
+    deadline = time.monotonic() + 150
+    bundle = None
+    while time.monotonic() < deadline and bundle is None:
+        time.sleep(2)
+        with session_scope() as session:
+            bundle = session.scalars(sa.select(Bundle).where(
+                Bundle.subscription_id == sub_id, Bundle.window_end == due.astimezone(UTC))
+            ).one_or_none()
+            if bundle is None and get_settings().now() > due + timedelta(seconds=75):
+                print("  the scheduler did not build it in time: building it here")
+                run_due_bundles(session)
+    with session_scope() as session:
+        found = session.scalars(sa.select(Bundle).where(Bundle.subscription_id == sub_id)
+                                .order_by(Bundle.window_end.desc()).limit(1)).one_or_none()
+        if found is None:
+            print("  the window was empty: an empty window sends nothing")
+            return
+        content = bundle_contents(session, [found])[found.id]
+    print(f"  bundle {content['id']}: {content['count']} update(s) from every publisher")
+    for section in content["sections"]:
+        heading = section["topic_name"] or section["topic"] or "(restricted)"
+        print(f"    {heading} / {section['publisher']} ({section['count']})")
+        for item in section["items"]:
+            state = "" if item["state"] == "new" else f" [{item['state']}]"
+            print(f"      - {item['title']}{state}")
 
 
 def play() -> None:
@@ -212,6 +266,8 @@ def play() -> None:
               " the publisher sees them at GET /v1/updates/{id}/reach")
 
     base = settings.public_url.rstrip("/")
-    print("\n4. Try it yourself (keys made for this demo run, shown once):")
+    _show_daily_bundle(orgs["Mechelen"])
+
+    print("\n5. Try it yourself (keys made for this demo run, shown once):")
     print(f"  curl -H 'Authorization: Bearer {city_key.plaintext}' {base}/v1/inbox")
     print(f"  curl -H 'Authorization: Bearer {admin_key.plaintext}' {base}/v1/routing-rules")

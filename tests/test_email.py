@@ -628,3 +628,31 @@ def test_smtp_urls():
     assert mail_worker.SmtpConfig.parse("smtp://localhost:2525").port == 2525
     with pytest.raises(ValueError):
         mail_worker.SmtpConfig.parse("http://mail.example")
+
+
+@pytest.mark.parametrize("address", ["a,b@gemeente.example", "Naam <a@gemeente.example>",
+                                     "a@gemeente.example\r\nBcc: x@evil.example", "a@b"])
+def test_an_address_must_be_one_plain_address(client, db_session, address):
+    org = create_org(db_session)
+    response = client.post("/v1/subscriptions",
+                           headers=bearer(create_key(db_session, org, "subscribe")),
+                           json={"filter": {}, "channel": {"type": "email", "address": address}})
+    assert response.status_code == 422, response.text
+
+
+def test_the_tasks_complete_their_outbox_rows(db_session, smtp):
+    from domain import outbox
+
+    sub = create_email_subscription(db_session, create_org(db_session))
+    kick = outbox.enqueue(db_session, deliveries.SEND_EMAIL_TASK, {})
+    db_session.commit()
+    confirmation = db_session.scalars(sa.select(OutboxMessage).where(
+        OutboxMessage.task == mail.SEND_CONFIRMATION_TASK,
+        OutboxMessage.args["subscription_id"].as_string() == str(sub.id))).one()
+    mail_worker.send_due_emails(db_session, smtp_url=smtp.url, outbox_id=kick.id)
+    mail_worker.send_confirmation(sub.id, db_session, smtp_url=smtp.url,
+                                  outbox_id=confirmation.id)
+    db_session.refresh(kick)
+    db_session.refresh(confirmation)
+    assert kick.completed_at is not None and confirmation.completed_at is not None
+    assert len(smtp.mailbox.to(sub.channel["address"])) == 1
