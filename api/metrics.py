@@ -22,6 +22,8 @@ UPDATES_AWAITING_ROUTING = Gauge(
 ROUTING_LATENCY = Gauge(
     "doorstroom_routing_latency_seconds",
     "Publish-to-routed latency over the last 15 minutes.", ["quantile"])
+DELIVERIES = Gauge(
+    "doorstroom_deliveries", "Push deliveries by channel and status.", ["channel", "status"])
 REQUEST_LATENCY = Histogram(
     "doorstroom_http_request_duration_seconds", "HTTP request latency.", ["method", "route"]
 )
@@ -42,6 +44,8 @@ def refresh_gauges() -> None:
     OUTBOX_UNDISPATCHED.set(figures.outbox_undispatched)
     OUTBOX_POISONED.set(figures.outbox_poisoned)
     UPDATES_AWAITING_ROUTING.set(figures.updates_awaiting_routing)
+    for (channel, status), count in figures.deliveries.items():
+        DELIVERIES.labels(channel, status).set(count)
     ordered = sorted(figures.routing_latency_seconds)
     for q in (0.5, 0.99):
         value = ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0

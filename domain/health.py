@@ -12,7 +12,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from domain.models import OutboxMessage, Update
+from domain.models import Delivery, OutboxMessage, Update
 from domain.outbox import POISON_DISPATCHES, oldest_undispatched_age
 from domain.settings import get_settings
 
@@ -27,6 +27,8 @@ class HealthFigures:
     outbox_poisoned: int
     updates_awaiting_routing: int
     routing_latency_seconds: list[float]
+    #: (channel, status) -> number of deliveries
+    deliveries: dict[tuple[str, str], int]
 
 
 def read_health_figures(session: Session) -> HealthFigures:
@@ -46,5 +48,8 @@ def read_health_figures(session: Session) -> HealthFigures:
         sa.select(Update.publish_at, Update.routed_at)
         .where(Update.routed_at >= now - LATENCY_WINDOW).limit(10_000)).all()
     latencies = [max(0.0, (routed - published).total_seconds()) for published, routed in recent]
+    by_status = {(str(channel), str(status)): int(count) for channel, status, count in
+                 session.execute(sa.select(Delivery.channel, Delivery.status, sa.func.count())
+                                 .group_by(Delivery.channel, Delivery.status)).all()}
     return HealthFigures(oldest_undispatched_age(session), int(undispatched), int(poisoned),
-                         int(awaiting), latencies)
+                         int(awaiting), latencies, by_status)

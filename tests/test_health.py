@@ -29,6 +29,7 @@ def test_metrics_report_the_oldest_undispatched_outbox_row(client, db_session):
     body = client.get("/metrics").text
     assert "doorstroom_outbox_oldest_undispatched_age_seconds" in body
     assert "doorstroom_routing_latency_seconds" in body
+    assert "doorstroom_deliveries" in body
     assert metrics is not None
 
 
