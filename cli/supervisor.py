@@ -53,6 +53,14 @@ def _stop(children: list[subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
+def _banner(base: str) -> None:
+    print()
+    print(f"Doorstroom is running at {base}")
+    print(f"  API documentation: {base}/docs")
+    print(f"  readiness:         {base}/readyz")
+    print(f"  metrics:           {base}/metrics", flush=True)
+
+
 def run_all(host: str, port: int) -> int:
     settings = get_settings()
     VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -76,15 +84,14 @@ def run_all(host: str, port: int) -> int:
         if not _wait_ready(f"{base}/readyz"):
             print("the API did not become ready; stopping", file=sys.stderr)
             return 1
+        _banner(base)
+        print("Playing the demo scenario (Ctrl-C stops everything at any time)...\n",
+              flush=True)
         demo = subprocess.run(_doorstroom("demo"), check=False)
         if demo.returncode != 0:
             print("(the demo did not run to the end; see above)", file=sys.stderr)
-        print()
-        print(f"Doorstroom is running at {base}")
-        print(f"  API documentation: {base}/docs")
-        print(f"  readiness:         {base}/readyz")
-        print(f"  metrics:           {base}/metrics")
-        print("Press Ctrl-C to stop everything.")
+        _banner(base)
+        print("Press Ctrl-C to stop everything.", flush=True)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
         print("a process stopped unexpectedly; stopping the others", file=sys.stderr)
