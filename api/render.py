@@ -46,8 +46,10 @@ def subscription_out(sub: Subscription) -> dict[str, Any]:
     return {"id": str(sub.id), "name": sub.name, "filter": sub.filter, "cadence": sub.cadence,
             "send_at": sub.send_at, "weekday": sub.weekday,
             "include_directed": sub.include_directed, "channel": sub.channel,
-            "active": sub.active, "feed_url": feed_url, "created_at": sub.created_at,
-            "updated_at": sub.updated_at}
+            "active": sub.active, "feed_url": feed_url,
+            "email_verified_at": sub.email_verified_at, "suspended_at": sub.suspended_at,
+            "suspended_reason": sub.suspended_reason, "bundled_until": sub.bundled_until,
+            "created_at": sub.created_at, "updated_at": sub.updated_at}
 
 
 def uuid_str(value: uuid.UUID | None) -> str | None:

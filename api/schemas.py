@@ -358,6 +358,15 @@ class SubscriptionOut(Response):
     channel: dict[str, Any]
     active: bool
     feed_url: str | None
+    #: E-mail channel: when the address was confirmed through its link (None while the
+    #: confirmation is pending; nothing is sent until then).
+    email_verified_at: datetime | None = None
+    #: Set when the recipient unsubscribed or the address was refused (see the reason);
+    #: nothing is pushed until the organisation resumes the subscription (`active: true`).
+    suspended_at: datetime | None = None
+    suspended_reason: str | None = None
+    #: Daily and weekly: the end of the last window bundled.
+    bundled_until: datetime | None = None
     created_at: datetime
     updated_at: datetime
 

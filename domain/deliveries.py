@@ -42,7 +42,9 @@ SEND_EMAIL_TASK = "email.send_due"
 FIRST_RETRY = timedelta(seconds=10)
 MAX_RETRY_DELAY = timedelta(hours=6)
 RETRY_HORIZON = timedelta(hours=72)
-LEASE = timedelta(seconds=120)
+#: How long a sender holds what it claimed (`DOORSTROOM_DELIVERY_LEASE_SECONDS`, default
+#: 120 s): what a dead sender claimed is sent again after this long.
+LEASE = timedelta(seconds=get_settings().delivery_lease_seconds)
 
 
 class new_uuid(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it is
@@ -133,7 +135,9 @@ def _dialect_insert(session: Session) -> Any:
 
 def create_withdrawal_deliveries(session: Session, update: Update) -> int:
     """Tell every push subscription that was sent a version of this chain that it is
-    withdrawn (idempotent through the unique key)."""
+    withdrawn (idempotent through the unique key). "Was sent" means a delivery of the chain
+    that succeeded or is still pending (it may yet arrive); one that failed or was skipped
+    never reached the receiver, so there is nothing to withdraw there."""
     publisher = session.get(Organisation, update.publisher_id)
     assert publisher is not None
     now = get_settings().now()
@@ -141,7 +145,8 @@ def create_withdrawal_deliveries(session: Session, update: Update) -> int:
     earlier = (sa.select(Delivery.subscription_id).join(Update, Update.id == Delivery.update_id)
                .where(Update.chain_id == update.chain_id,
                       Delivery.event_type.in_([events.PUBLISHED, events.CORRECTED]),
-                      Delivery.status != DeliveryStatus.skipped))
+                      Delivery.status.in_([DeliveryStatus.succeeded,
+                                           DeliveryStatus.pending])))
     s = Subscription
     select = sa.select(
         new_uuid(), new_message_id(), s.organisation_id, s.id, s.webhook_endpoint_id,
@@ -345,16 +350,30 @@ def _disable(session: Session, endpoint: WebhookEndpoint, reason: str, now: date
     endpoint.disabled_reason = reason
     audit.record(session, audit.SYSTEM, "webhook_endpoint.disabled", "webhook_endpoint",
                  endpoint.id, reason=reason)
+    from domain.mail import SEND_NOTICE_TASK
     from domain.notices import notify_organisation
 
+    title = "Webhook endpoint disabled"
     notify_organisation(
-        session, endpoint.organisation_id,
-        title="Webhook endpoint disabled",
+        session, endpoint.organisation_id, title=title,
         body=(f"Doorstroom stopped sending to {endpoint.url}: {reason}. Updates still reach "
               "your inbox. Fix the receiver, then re-enable the endpoint "
               "(PATCH /v1/webhook-endpoints/{id} with enabled: true) and replay what failed "
               "(POST …/replay)."),
     )
+    # And by e-mail, to the organisation's escalation (or general) address: a disabled
+    # endpoint is easily missed in the very inbox it was meant to feed.
+    outbox.enqueue(session, SEND_NOTICE_TASK, {
+        "organisation_id": str(endpoint.organisation_id),
+        "subject": f"Doorstroom: {title.lower()}",
+        "text": (f"Doorstroom stopped sending updates to your webhook endpoint {endpoint.url} "
+                 f"(id {endpoint.id}) on {now:%Y-%m-%d %H:%M} UTC: {reason}.\n\n"
+                 "Updates still reach your organisation's inbox. Fix the receiver, then "
+                 f"re-enable the endpoint (PATCH /v1/webhook-endpoints/{endpoint.id} with "
+                 "enabled: true) and replay what failed "
+                 f"(POST /v1/webhook-endpoints/{endpoint.id}/replay).\n\n"
+                 "-- \nThis is an automated message from Doorstroom.\n"),
+    })
 
 
 def pending_due_count(session: Session) -> int:

@@ -14,7 +14,10 @@ Rules kept here:
 - Deliveries of a subscription that is meanwhile deleted, suspended, inactive or no longer
   on the e-mail channel are marked skipped, with the reason in `last_error`.
 - Restricted updates are a notice alone: publisher, priority and a link to the
-  authenticated inbox; never their title or body.
+  authenticated inbox; never their title or body. In a bundle too.
+- A daily or weekly bundle is one mail (`render_bundle_mail`): its sections (topic,
+  publisher, count) and items, each marked when corrected since the previous bundle,
+  withdrawn or already sent. Bundle deliveries are held, skipped and retried like the others.
 - Untrusted text never reaches a header with CR, LF or another control character in it.
 - A permanent refusal of the recipient (a 5xx reply to RCPT TO) fails the delivery and
   suspends the subscription ("address rejected: <code> <reply>"), audited. A 5xx to the
@@ -33,6 +36,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 import jinja2
 import nh3
@@ -42,9 +46,11 @@ from markupsafe import Markup
 from sqlalchemy.orm import Session
 
 from domain import audit, events, outbox
+from domain.bundles import bundle_contents
 from domain.deliveries import LEASE, RETRY_HORIZON, SEND_EMAIL_TASK, next_retry_at
 from domain.errors import NotFound
 from domain.models import (
+    Bundle,
     ChannelType,
     Classification,
     Delivery,
@@ -57,6 +63,9 @@ from domain.models import (
 from domain.settings import get_settings
 
 SEND_CONFIRMATION_TASK = "email.send_confirmation"
+#: A plain notice from the platform to an organisation's escalation (or general) address;
+#: args {"organisation_id", "subject", "text"} (`workers/mail.py`).
+SEND_NOTICE_TASK = "email.send_notice"
 LANGUAGES = ("nl", "fr", "en")
 DEFAULT_LANGUAGE = "nl"
 #: How much later a delivery for an unconfirmed address is looked at again. Confirming the
@@ -110,6 +119,18 @@ _STRINGS: dict[str, dict[str, str]] = {
         "page.unsubscribed.title": "Uitgeschreven",
         "page.unsubscribed.text": "{address} ontvangt via dit abonnement geen updates meer. "
                                   "{organisation} kan het abonnement opnieuw activeren.",
+        "bundle.daily": "dagelijkse bundel", "bundle.weekly": "wekelijkse bundel",
+        "bundle.subject": "Doorstroom: {bundle} van {date} – {count}",
+        "bundle.count.one": "1 bericht", "bundle.count.many": "{count} berichten",
+        "bundle.intro": "Uw {bundle} van Doorstroom: {count}, ontvangen tussen {start} en "
+                        "{end}.",
+        "bundle.state.corrected": "gecorrigeerd sinds de vorige bundel",
+        "bundle.state.withdrawn": "ingetrokken",
+        "bundle.state.already_sent": "al verzonden",
+        "bundle.no_topic": "Zonder thema",
+        "bundle.restricted.title": "Update met beperkte toegang",
+        "bundle.restricted": "De inhoud staat niet in deze e-mail: lees ze in de inbox van uw "
+                             "organisatie (aangemeld).",
     },
     "fr": {
         "routine": "Routine", "important": "Important", "urgent": "Urgent",
@@ -153,6 +174,19 @@ _STRINGS: dict[str, dict[str, str]] = {
         "page.unsubscribed.title": "Désabonné",
         "page.unsubscribed.text": "{address} ne recevra plus de mises à jour via cet "
                                   "abonnement. {organisation} peut le réactiver.",
+        "bundle.daily": "récapitulatif quotidien", "bundle.weekly": "récapitulatif hebdomadaire",
+        "bundle.subject": "Doorstroom : {bundle} du {date} – {count}",
+        "bundle.count.one": "1 message", "bundle.count.many": "{count} messages",
+        "bundle.intro": "Votre {bundle} de Doorstroom : {count}, reçus entre le {start} et le "
+                        "{end}.",
+        "bundle.state.corrected": "corrigé depuis le récapitulatif précédent",
+        "bundle.state.withdrawn": "retiré",
+        "bundle.state.already_sent": "déjà envoyé",
+        "bundle.no_topic": "Sans thème",
+        "bundle.restricted.title": "Mise à jour à accès restreint",
+        "bundle.restricted": "Son contenu ne figure pas dans ce courriel : consultez-le dans la "
+                             "boîte de réception de votre organisation (après "
+                             "authentification).",
     },
     "en": {
         "routine": "Routine", "important": "Important", "urgent": "Urgent",
@@ -191,7 +225,28 @@ _STRINGS: dict[str, dict[str, str]] = {
         "page.unsubscribed.title": "Unsubscribed",
         "page.unsubscribed.text": "{address} no longer receives updates through this "
                                   "subscription. {organisation} can reactivate it.",
+        "bundle.daily": "daily bundle", "bundle.weekly": "weekly bundle",
+        "bundle.subject": "Doorstroom: {bundle} of {date} – {count}",
+        "bundle.count.one": "1 update", "bundle.count.many": "{count} updates",
+        "bundle.intro": "Your Doorstroom {bundle}: {count}, received between {start} and "
+                        "{end}.",
+        "bundle.state.corrected": "corrected since the previous bundle",
+        "bundle.state.withdrawn": "withdrawn",
+        "bundle.state.already_sent": "already sent",
+        "bundle.no_topic": "No topic",
+        "bundle.restricted.title": "Restricted update",
+        "bundle.restricted": "Its content is not in this e-mail: read it in your "
+                             "organisation's inbox (signed in).",
     },
+}
+
+_MONTHS: dict[str, tuple[str, ...]] = {
+    "nl": ("januari", "februari", "maart", "april", "mei", "juni", "juli", "augustus",
+           "september", "oktober", "november", "december"),
+    "fr": ("janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août",
+           "septembre", "octobre", "novembre", "décembre"),
+    "en": ("January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December"),
 }
 
 
@@ -327,22 +382,104 @@ def render_update_mail(update: Update, publisher: Organisation, event_type: str,
                 {"url": link.get("url", ""), "title": link.get("title") or link.get("url", "")}
                 for link in (update.links or []) if _safe_link(link.get("url"))],
         )
+    return OutgoingMail(
+        to=address, subject=header_text(subject, 250),
+        text=render_template("email/update.txt", **context),
+        html=render_template("email/update.html", **context), language=language,
+        message_id=_message_id(message_id), headers=_subscription_headers(language,
+                                                                          unsubscribe_token))
+
+
+def _subscription_headers(language: str,
+                          unsubscribe_token: str | None) -> tuple[tuple[str, str], ...]:
+    """The headers of every mail a subscription sends (updates and bundles): automated,
+    its language, and the one-click unsubscribe link (RFC 2369, RFC 8058)."""
     headers: list[tuple[str, str]] = [("Auto-Submitted", "auto-generated"),
                                       ("X-Auto-Response-Suppress", "All"),
                                       ("Content-Language", language)]
     if unsubscribe_token:
         headers += [("List-Unsubscribe", f"<{unsubscribe_url(unsubscribe_token)}>"),
                     ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
-    return OutgoingMail(
-        to=address, subject=header_text(subject, 250),
-        text=render_template("email/update.txt", **context),
-        html=render_template("email/update.html", **context), language=language,
-        message_id=f"<{message_id}@{mail_domain()}>" if message_id else None,
-        headers=tuple(headers))
+    return tuple(headers)
+
+
+def _message_id(message_id: str | None) -> str | None:
+    return f"<{message_id}@{mail_domain()}>" if message_id else None
 
 
 def _safe_link(url: Any) -> bool:
     return isinstance(url, str) and url.lower().startswith(("https://", "http://"))
+
+
+def _local(value: str | datetime) -> datetime:
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment.astimezone(ZoneInfo(get_settings().timezone))
+
+
+def format_date(moment: datetime, language: str) -> str:
+    """"24 november", "1er décembre", "24 November" (the platform's time zone)."""
+    day = "1er" if language == "fr" and moment.day == 1 else str(moment.day)
+    months = _MONTHS.get(language, _MONTHS[DEFAULT_LANGUAGE])
+    return f"{day} {months[moment.month - 1]}"
+
+
+def _format_moment(moment: datetime, language: str) -> str:
+    return f"{format_date(moment, language)} {moment:%H:%M}"
+
+
+def render_bundle_mail(content: dict[str, Any], address: str, language: str,
+                       unsubscribe_token: str | None,
+                       message_id: str | None = None) -> OutgoingMail:
+    """One digest mail for one bundle (`domain.bundles.bundle_contents`): its sections (topic,
+    publisher, count) and items, each linked to the inbox and marked when it was corrected
+    since the previous bundle, withdrawn or already sent. Restricted items are a notice
+    alone: never their title or summary."""
+    t = strings(language)
+    count = int(content.get("count") or 0)
+    counted = (t["bundle.count.one"] if count == 1
+               else t["bundle.count.many"].format(count=count))
+    cadence = content.get("cadence") if content.get("cadence") in ("daily", "weekly") else "daily"
+    bundle_name = t[f"bundle.{cadence}"]
+    start = _local(content["window"]["start"])
+    end = _local(content["window"]["end"])
+    subject = t["bundle.subject"].format(bundle=bundle_name, date=format_date(end, language),
+                                         count=counted)
+    sections = []
+    for section in content.get("sections") or []:
+        items = []
+        for item in section.get("items") or []:
+            notice = bool(item.get("notice")) or item.get("classification") == "restricted"
+            state = item.get("state")
+            url = item.get("url") if _safe_link(item.get("url")) else None
+            items.append({
+                "notice": notice,
+                "title": (t["bundle.restricted.title"] if notice
+                          else header_text(item.get("title") or "", 500)),
+                "summary": None if notice else (item.get("summary") or None),
+                "url": url,
+                "state": t.get(f"bundle.state.{state}") if state else None,
+                "priority": (t[item["priority"]]
+                             if item.get("priority") in ("important", "urgent") else None),
+                "urgent": item.get("priority") == "urgent",
+            })
+        heading = section.get("topic_name") or section.get("topic") or t["bundle.no_topic"]
+        sections.append({"heading": header_text(heading, 300),
+                         "publisher": header_text(section.get("publisher") or "", 300),
+                         "count": section.get("count", len(items)), "items": items})
+    context: dict[str, Any] = {
+        "t": t, "language": language, "subject": subject, "sections": sections,
+        "intro": t["bundle.intro"].format(bundle=bundle_name, count=counted,
+                                          start=_format_moment(start, language),
+                                          end=_format_moment(end, language)),
+        "footer": t["footer"].format(address=address),
+        "unsubscribe_url": unsubscribe_url(unsubscribe_token) if unsubscribe_token else None,
+    }
+    return OutgoingMail(
+        to=address, subject=header_text(subject, 250),
+        text=render_template("email/bundle.txt", **context),
+        html=render_template("email/bundle.html", **context), language=language,
+        message_id=_message_id(message_id),
+        headers=_subscription_headers(language, unsubscribe_token))
 
 
 def render_confirmation_mail(subscription: Subscription,
@@ -556,6 +693,7 @@ def claim_due_emails(session: Session, limit: int = 100) -> list[EmailSend]:
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update(of=Delivery, skip_locked=True)
     claimed: list[EmailSend] = []
+    bundled: list[tuple[Delivery, Subscription]] = []
     for delivery, sub in session.execute(stmt).all():
         reason = _not_sendable(sub)
         if reason is not None:
@@ -574,6 +712,9 @@ def claim_due_emails(session: Session, limit: int = 100) -> list[EmailSend]:
                 delivery.next_attempt_at = min(now + HOLD_UNCONFIRMED, give_up)
                 delivery.last_error = "held: the e-mail address is not confirmed yet"
             continue
+        if delivery.bundle_id is not None:
+            bundled.append((delivery, sub))  # rendered below, all bundles in one go
+            continue
         update = session.get(Update, delivery.update_id) if delivery.update_id else None
         publisher = session.get(Organisation, update.publisher_id) if update else None
         if update is None or publisher is None:
@@ -586,7 +727,32 @@ def claim_due_emails(session: Session, limit: int = 100) -> list[EmailSend]:
                                   sub.unsubscribe_token, delivery.message_id)
         delivery.leased_until = now + LEASE
         claimed.append(EmailSend(delivery.id, sub.id, mail))
+    claimed += _claim_bundles(session, bundled, now)
     session.commit()
+    return claimed
+
+
+def _claim_bundles(session: Session, bundled: list[tuple[Delivery, Subscription]],
+                   now: datetime) -> list[EmailSend]:
+    """One digest mail per bundle delivery (their contents read in one go)."""
+    if not bundled:
+        return []
+    found = {bundle.id: bundle for bundle in session.scalars(
+        sa.select(Bundle).where(Bundle.id.in_([d.bundle_id for d, _ in bundled])))}
+    contents = bundle_contents(session, list(found.values()))
+    claimed: list[EmailSend] = []
+    for delivery, sub in bundled:
+        content = contents.get(delivery.bundle_id) if delivery.bundle_id else None
+        if content is None or not content["count"]:
+            delivery.status = DeliveryStatus.skipped
+            delivery.next_attempt_at = None
+            delivery.last_error = ("the bundle no longer exists" if content is None
+                                   else "the bundle is empty")
+            continue
+        mail = render_bundle_mail(content, sub.channel["address"], language_of(sub),
+                                  sub.unsubscribe_token, delivery.message_id)
+        delivery.leased_until = now + LEASE
+        claimed.append(EmailSend(delivery.id, sub.id, mail))
     return claimed
 
 

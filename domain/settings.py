@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     secret_key: str = "development-only-secret-key-change-me"
     smtp_url: str | None = None
+    #: `DOORSTROOM_MAIL_FROM`, read from the environment (or `.env`): the From of every
+    #: mail, e.g. "Doorstroom <noreply@doorstroom.example>". Unset: a `from=` in the SMTP
+    #: URL, else `Doorstroom <noreply@<public URL host>>`.
+    mail_from: str | None = None
     public_url: str = "http://127.0.0.1:8000"
     timezone: str = "Europe/Brussels"
     webhook_allow_loopback: bool = False
@@ -50,6 +54,10 @@ class Settings(BaseSettings):
     webhook_disable_after_seconds: float = 3 * 24 * 3600
     #: How often the scheduler looks for deliveries whose retry time has come.
     delivery_poll_seconds: float = 5.0
+    #: How long a sender holds the deliveries it claims. A sender that dies (SIGKILL, OOM)
+    #: leaves its claims to the next one after this long; a batch stops starting requests
+    #: `webhook_timeout_seconds` + 10 s before its lease would run out.
+    delivery_lease_seconds: float = 120.0
     #: How often the scheduler looks for bundles whose window has closed.
     bundle_poll_seconds: float = 60.0
     #: During a secret rotation the previous secret keeps signing this long.

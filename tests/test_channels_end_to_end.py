@@ -29,7 +29,7 @@ from domain.models import (
 from tests.factories import create_key, create_org, create_topic
 from tests.processes import Api, Worker, free_port, process_env, running, wait_until
 from tests.receivers import Receiver
-from tests.test_email import Mailbox
+from tests.smtp import Mailbox
 
 pytestmark = [pytest.mark.worker, pytest.mark.timeout(120)]
 

@@ -6,16 +6,11 @@ from __future__ import annotations
 
 import email
 import re
-import socket
-import threading
 from datetime import timedelta
 from email import policy
-from email.message import EmailMessage
-from html.parser import HTMLParser
 
 import pytest
 import sqlalchemy as sa
-from aiosmtpd.controller import Controller
 
 from domain import deliveries, events, mail, publishing
 from domain.models import (
@@ -30,6 +25,7 @@ from domain.models import (
     Priority,
 )
 from domain.settings import get_settings
+from tests import smtp as smtp_fixtures
 from tests.factories import (
     actor_for,
     bearer,
@@ -39,85 +35,12 @@ from tests.factories import (
     create_topic,
     publish_update,
 )
+from tests.smtp import body_parts, free_port, subject, tags_of
 from workers import mail as mail_worker
 
-# ------------------------------------------------------------------------- SMTP server
-
-
-class Mailbox:
-    """aiosmtpd handler: keeps what it accepts; refuses chosen recipients at RCPT or DATA."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.received: list[tuple[str, list[str], bytes]] = []
-        self.rcpt_replies: dict[str, str] = {}
-        self.data_replies: dict[str, str] = {}
-        self.refused_data: list[bytes] = []
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
-        reply = self.rcpt_replies.get(address.lower())
-        if reply:
-            return reply
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
-        content = envelope.original_content or envelope.content
-        for rcpt in envelope.rcpt_tos:
-            if rcpt.lower() in self.data_replies:
-                with self.lock:
-                    self.refused_data.append(content)
-                return self.data_replies[rcpt.lower()]
-        with self.lock:
-            self.received.append((envelope.mail_from, list(envelope.rcpt_tos), content))
-        return "250 2.0.0 Message accepted for delivery"
-
-    def reset(self) -> None:
-        with self.lock:
-            self.received.clear()
-            self.refused_data.clear()
-        self.rcpt_replies.clear()
-        self.data_replies.clear()
-
-    def to(self, address: str) -> list[EmailMessage]:
-        with self.lock:
-            found = [content for _, rcpts, content in self.received if address in rcpts]
-        return [email.message_from_bytes(c, policy=policy.default) for c in found]
-
-    def envelopes_to(self, address: str) -> list[tuple[str, list[str], bytes]]:
-        with self.lock:
-            return [e for e in self.received if address in e[1]]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class SmtpServer:
-    def __init__(self, mailbox: Mailbox, port: int) -> None:
-        self.mailbox = mailbox
-        self.url = f"smtp://127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="module")
-def smtp_server():
-    mailbox = Mailbox()
-    port = _free_port()
-    controller = Controller(mailbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield SmtpServer(mailbox, port)
-    finally:
-        controller.stop()
-
-
-@pytest.fixture
-def smtp(smtp_server):
-    smtp_server.mailbox.reset()
-    return smtp_server
-
+# The real SMTP server (module-wide) and its mailbox, emptied for each test.
+smtp_server = smtp_fixtures.smtp_server
+smtp = smtp_fixtures.smtp
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -141,39 +64,10 @@ def deliveries_of(session, sub):
                                 .order_by(Delivery.created_at)))
 
 
-def body_parts(message: EmailMessage) -> tuple[str, str]:
-    assert message.get_content_type() == "multipart/alternative"
-    types = [part.get_content_type() for part in message.iter_parts()]
-    assert types == ["text/plain", "text/html"]
-    return (message.get_body(("plain",)).get_content(),
-            message.get_body(("html",)).get_content())
-
-
-def subject(message: EmailMessage) -> str:
-    # A subject that fits a continuation line whole is folded there ("Subject:\r\n [...]");
-    # unfolding leaves the folding space in front.
-    return str(message["Subject"]).strip()
-
-
 def audit_actions(session, sub) -> list[str]:
     return list(session.scalars(sa.select(AuditEntry.action)
                                 .where(AuditEntry.object_id == str(sub.id))
                                 .order_by(AuditEntry.id)))
-
-
-class Tags(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tags: list[tuple[str, dict[str, str | None]]] = []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-
-def tags_of(html: str) -> list[tuple[str, dict[str, str | None]]]:
-    parser = Tags()
-    parser.feed(html)
-    return parser.tags
 
 
 # ------------------------------------------------------------------- confirmation
@@ -577,7 +471,7 @@ def test_an_unreachable_server_is_a_temporary_failure(db_session, world):
     sub = create_email_subscription(db_session, town, confirmed=True,
                                     filter={"topics": [topic]})
     publish_update(db_session, publisher, topics=[topic])
-    mail_worker.send_due_emails(db_session, smtp_url=f"smtp://127.0.0.1:{_free_port()}")
+    mail_worker.send_due_emails(db_session, smtp_url=f"smtp://127.0.0.1:{free_port()}")
     [delivery] = deliveries_of(db_session, sub)
     assert delivery.status is DeliveryStatus.pending and delivery.attempt_count == 1
     assert delivery.last_status_code is None and delivery.last_error
@@ -656,3 +550,165 @@ def test_the_tasks_complete_their_outbox_rows(db_session, smtp):
     db_session.refresh(confirmation)
     assert kick.completed_at is not None and confirmation.completed_at is not None
     assert len(smtp.mailbox.to(sub.channel["address"])) == 1
+
+
+# ------------------------------------------------------------------------- withdrawals
+
+
+def test_only_subscriptions_that_were_sent_the_chain_are_told_of_its_withdrawal(db_session,
+                                                                              world):
+    publisher, town, topic = world
+    subs = {status: create_email_subscription(db_session, town, confirmed=True,
+                                              filter={"topics": [topic]})
+            for status in ("succeeded", "pending", "failed", "skipped", "corrected")}
+    first = publish_update(db_session, publisher, title="Eerste versie", topics=[topic])
+    second = publish_update(db_session, publisher, title="Tweede versie", topics=[topic],
+                            supersedes=first.id)
+    for name, sub in subs.items():
+        v1, v2 = deliveries_of(db_session, sub)
+        assert (v1.update_id, v2.update_id) == (first.id, second.id)
+        if name == "corrected":  # the first version failed, the correction arrived
+            v1.status, v2.status = DeliveryStatus.failed, DeliveryStatus.succeeded
+        else:
+            v1.status = v2.status = DeliveryStatus(name)
+    db_session.commit()
+
+    latest = publishing.withdraw(db_session, actor_for(publisher, "publish"), first.id)
+    assert deliveries.create_withdrawal_deliveries(db_session, latest) == 3
+    db_session.commit()
+    told = {name for name, sub in subs.items()
+            if any(d.event_type == events.WITHDRAWN for d in deliveries_of(db_session, sub))}
+    assert told == {"succeeded", "pending", "corrected"}
+    # Idempotent.
+    assert deliveries.create_withdrawal_deliveries(db_session, latest) == 0
+
+
+# ------------------------------------------------------------------- platform notices
+
+
+def _disabled_endpoint_notice(db_session, town):
+    """A webhook endpoint of `town` answers 410: the outbox row of the notice mail."""
+    from domain.models import WebhookEndpoint
+    from tests.factories import create_webhook_subscription, insert_webhook_endpoint
+
+    publisher = create_org(db_session, level=Level.flemish, kind=Kind.agency)
+    topic = create_topic(db_session).slug
+    endpoint, _ = insert_webhook_endpoint(db_session, town, "http://127.0.0.1:9/gone")
+    create_webhook_subscription(db_session, town, endpoint, filter={"topics": [topic]})
+    update = publish_update(db_session, publisher, topics=[topic])
+    delivery = db_session.scalars(sa.select(Delivery).where(
+        Delivery.update_id == update.id, Delivery.endpoint_id == endpoint.id)).one()
+    deliveries.record_outcomes(db_session, [deliveries.Outcome(
+        delivery.id, get_settings().now(), 12, status_code=410)])
+    endpoint = db_session.get(WebhookEndpoint, endpoint.id)
+    assert endpoint is not None and endpoint.enabled is False
+    [row] = db_session.scalars(sa.select(OutboxMessage).where(
+        OutboxMessage.task == mail.SEND_NOTICE_TASK,
+        OutboxMessage.args["organisation_id"].as_string() == str(town.id))).all()
+    return endpoint, row
+
+
+def test_a_disabled_endpoint_is_mailed_to_the_escalation_address(db_session, smtp):
+    town = create_org(db_session, email="info@gemeente.example")
+    town.escalation_email = "crisis@gemeente.example"
+    db_session.commit()
+    endpoint, row = _disabled_endpoint_notice(db_session, town)
+    assert row.task == "email.send_notice"
+    assert set(row.args) == {"organisation_id", "subject", "text"}
+    assert row.args["subject"] == "Doorstroom: webhook endpoint disabled"
+    assert endpoint.url in row.args["text"] and "410" in row.args["text"]
+
+    # The outbox task's core, against the real SMTP server.
+    assert mail_worker.send_notice(**row.args, session=db_session, smtp_url=smtp.url,
+                                   outbox_id=row.id) is True
+    [message] = smtp.mailbox.to("crisis@gemeente.example")
+    assert smtp.mailbox.to("info@gemeente.example") == []
+    assert subject(message) == "Doorstroom: webhook endpoint disabled"
+    assert message.get_content_type() == "text/plain"
+    assert message["Auto-Submitted"] == "auto-generated"
+    assert endpoint.url in message.get_content() and str(endpoint.id) in message.get_content()
+    db_session.refresh(row)
+    assert row.completed_at is not None
+
+
+def test_a_notice_goes_to_the_general_address_or_nowhere(db_session, smtp):
+    town = create_org(db_session, email="info@stad.example")
+    _, row = _disabled_endpoint_notice(db_session, town)
+    assert mail_worker.send_notice(**row.args, session=db_session, smtp_url=smtp.url,
+                                   outbox_id=row.id) is True
+    assert len(smtp.mailbox.to("info@stad.example")) == 1
+
+    silent = create_org(db_session)
+    _, row = _disabled_endpoint_notice(db_session, silent)
+    assert mail_worker.send_notice(**row.args, session=db_session, smtp_url=smtp.url,
+                                   outbox_id=row.id) is False
+    db_session.refresh(row)
+    assert row.completed_at is not None
+
+
+def test_a_notice_is_retried_when_refused_for_now_and_dropped_when_refused_for_good(
+        db_session, smtp):
+    town = create_org(db_session, email="info@dorp.example")
+    _, row = _disabled_endpoint_notice(db_session, town)
+    smtp.mailbox.rcpt_replies["info@dorp.example"] = "451 4.3.0 try later"
+    with pytest.raises(mail_worker.MailSendError):
+        mail_worker.send_notice(**row.args, session=db_session, smtp_url=smtp.url,
+                                outbox_id=row.id)
+    db_session.refresh(row)
+    assert row.completed_at is None  # left for the task's retries and the sweeper
+    smtp.mailbox.rcpt_replies["info@dorp.example"] = "550 5.1.1 user unknown"
+    assert mail_worker.send_notice(**row.args, session=db_session, smtp_url=smtp.url,
+                                   outbox_id=row.id) is False
+    db_session.refresh(row)
+    assert row.completed_at is not None
+    # An unreachable server is temporary too.
+    with pytest.raises(OSError):
+        mail_worker.send_notice(**row.args, session=db_session,
+                                smtp_url=f"smtp://127.0.0.1:{free_port()}")
+
+
+def test_the_notice_task_is_registered_and_retries_temporary_failures():
+    from workers.celery_app import celery_app
+
+    task = celery_app.tasks[mail.SEND_NOTICE_TASK]
+    assert task.name == "email.send_notice" and task.run.__module__ == "workers.mail"
+    assert OSError in task.autoretry_for and mail_worker.MailSendError in task.autoretry_for
+    assert task.retry_backoff
+
+
+def test_the_sender_address_setting(monkeypatch):
+    settings = get_settings().model_copy(update={"mail_from": "Meldingen <meld@d.example>"})
+    monkeypatch.setattr(mail_worker, "get_settings", lambda: settings)
+    assert mail_worker.SmtpConfig.parse("smtp://relay.example").sender == (
+        "Meldingen <meld@d.example>")
+    assert mail_worker.SmtpConfig.parse("smtp://relay.example?from=x%40y.example").sender == (
+        "Meldingen <meld@d.example>")
+    unset = get_settings().model_copy(update={"mail_from": None})
+    monkeypatch.setattr(mail_worker, "get_settings", lambda: unset)
+    assert mail_worker.SmtpConfig.parse("smtp://relay.example").sender.startswith(
+        "Doorstroom <noreply@")
+    bad = get_settings().model_copy(update={"mail_from": "a@b.example\r\nBcc: x@evil.example"})
+    monkeypatch.setattr(mail_worker, "get_settings", lambda: bad)
+    with pytest.raises(ValueError):
+        mail_worker.SmtpConfig.parse("smtp://relay.example")
+
+
+def test_the_api_shows_a_pending_confirmation_and_an_unsubscribe(db_session, client):
+    town = create_org(db_session)
+    key = create_key(db_session, town, "subscribe")
+    sub = create_email_subscription(db_session, town)
+    path = f"/v1/subscriptions/{sub.id}"
+    shown = client.get(path, headers=bearer(key)).json()
+    assert (shown["email_verified_at"], shown["suspended_at"], shown["suspended_reason"]) == (
+        None, None, None)
+    assert shown["active"] is True and "bundled_until" in shown
+
+    client.get(f"/v1/email/confirm/{sub.email_confirm_token}")
+    assert client.get(path, headers=bearer(key)).json()["email_verified_at"] is not None
+    client.post(f"/v1/email/unsubscribe/{sub.unsubscribe_token}")
+    shown = client.get(path, headers=bearer(key)).json()
+    assert shown["suspended_at"] is not None
+    assert shown["suspended_reason"] == "unsubscribed by the recipient"
+    listed = client.get("/v1/subscriptions", headers=bearer(key)).json()["items"]
+    assert [s["suspended_reason"] for s in listed if s["id"] == str(sub.id)] == [
+        "unsubscribed by the recipient"]

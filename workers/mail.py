@@ -1,10 +1,17 @@
 """E-mail sending: MIME assembly and SMTP (`smtplib`), around the use cases in domain/mail.py.
 
+Both settings are read from the environment (or `.env`, see `domain/settings.py`):
+
 `DOORSTROOM_SMTP_URL`: `smtp://[user:password@]host[:port][?starttls=true]` (port 25, or
 587 with STARTTLS) or `smtps://…` (implicit TLS, port 465). Optional query parameters:
-`from=` (the sender address; default `Doorstroom <noreply@<public host>>`) and `timeout=`
-(seconds, default 30). Without an SMTP URL nothing is sent: e-mail deliveries stay pending
-(and the confirmation task stays unfinished in the outbox) until one is configured.
+`from=` (the sender address) and `timeout=` (seconds, default 30). Without an SMTP URL
+nothing is sent: e-mail deliveries stay pending (and the confirmation task stays unfinished
+in the outbox) until one is configured; platform notices are dropped (they are in the inbox
+too).
+
+`DOORSTROOM_MAIL_FROM` (optional): the From of every mail, e.g.
+`Doorstroom <noreply@doorstroom.example>`. Unset: the URL's `from=`, else
+`Doorstroom <noreply@<public URL host>>`.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from sqlalchemy.orm import Session
 
 from domain import mail, outbox
 from domain.db import session_scope
+from domain.models import Organisation
 from domain.settings import get_settings
 from workers.celery_app import celery_app
 
@@ -86,15 +94,23 @@ class SmtpConfig:
         return cls(host=parts.hostname, port=port, implicit_tls=implicit_tls, starttls=starttls,
                    username=unquote(parts.username) if parts.username else None,
                    password=unquote(parts.password) if parts.password else None,
-                   sender=query.get("from") or default_sender(),
+                   sender=checked_sender(get_settings().mail_from or query.get("from")
+                                         or default_sender()),
                    timeout=float(query.get("timeout", 30)))
 
 
 def default_sender() -> str:
-    configured = getattr(get_settings(), "mail_from", None)
-    if configured:
-        return str(configured)
     return str(Address("Doorstroom", "noreply", mail.mail_domain()))
+
+
+def checked_sender(sender: str) -> str:
+    """A configured From must be one address (with an optional display name): a
+    misconfiguration fails loudly here rather than in the middle of a batch."""
+    _name, address = parseaddr(sender)
+    if (not address or "@" not in address or mail.header_text(sender, 998) != sender.strip()
+            or "," in address):
+        raise ValueError(f"not a sender address: {sender!r} (DOORSTROOM_MAIL_FROM or from=)")
+    return sender.strip()
 
 
 def smtp_config(smtp_url: str | None = None) -> SmtpConfig:
@@ -323,6 +339,48 @@ def send_confirmation(subscription_id: uuid.UUID, session: Session | None = None
         return True
 
 
+def notice_address(session: Session, organisation_id: uuid.UUID) -> str | None:
+    """Where platform notices for an organisation go: its escalation address, else its
+    general one; None when it has neither (or no longer exists)."""
+    organisation = session.get(Organisation, organisation_id)
+    if organisation is None:
+        return None
+    address = (organisation.escalation_email or "").strip() or (organisation.email or "").strip()
+    return address or None
+
+
+def send_notice(organisation_id: uuid.UUID | str, subject: str, text: str,
+                session: Session | None = None, *, smtp_url: str | None = None,
+                outbox_id: int | None = None) -> bool:
+    """Mail a platform notice (e.g. "webhook endpoint disabled") to the organisation;
+    answers whether a mail went out. No address, no SMTP URL configured, or a permanent
+    refusal: logged, and the work is done (the notice is in the organisation's inbox too).
+    A temporary failure (4xx, connection) raises, so the task retries and the outbox row
+    stays unfinished."""
+    organisation_id = uuid.UUID(str(organisation_id))
+    with _session(session) as s:
+        address = notice_address(s, organisation_id)
+        sent = False
+        if address is None:
+            log.info("organisation %s has no e-mail address: notice %r not mailed",
+                     organisation_id, subject)
+        else:
+            try:
+                send_notice_email(address, subject, text, smtp_url=smtp_url)
+                sent = True
+            except MailNotConfigured:
+                log.info("no SMTP URL configured: notice %r to organisation %s not mailed",
+                         subject, organisation_id)
+            except MailSendError as exc:
+                if not exc.permanent:
+                    raise
+                log.warning("notice %r to organisation %s refused by %s: %s", subject,
+                            organisation_id, address, exc)
+        outbox.mark_completed(s, outbox_id)
+        s.commit()
+        return sent
+
+
 # -------------------------------------------------------------------------------- tasks
 
 
@@ -342,3 +400,14 @@ def send_confirmation_task(subscription_id: str, outbox_id: int | None = None) -
     the sweeper hands it out again after the task's own retries."""
     return send_confirmation(uuid.UUID(subscription_id), outbox_id=outbox_id)
 
+
+
+@celery_app.task(name=mail.SEND_NOTICE_TASK,
+                 autoretry_for=(*RETRYABLE, OSError, MailSendError),
+                 retry_backoff=10, retry_backoff_max=3600, max_retries=8)
+def send_notice_task(organisation_id: str, subject: str, text: str,
+                     outbox_id: int | None = None) -> bool:
+    """Mail one platform notice to an organisation (outbox task `email.send_notice`).
+    Temporary failures are retried with backoff; after the task's own retries the row is
+    still unfinished and the sweeper hands it out again."""
+    return send_notice(organisation_id, subject, text, outbox_id=outbox_id)
