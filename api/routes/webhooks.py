@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Query, Request, Response, status
 
 from api.deps import CallerDep, SessionDep, SubscriberDep, require
@@ -155,7 +156,7 @@ def list_deliveries(request: Request, response: Response, actor: CallerDep,
                     limit: Annotated[int | None, Query(ge=1, le=200)] = None) -> dict[str, Any]:
     """Admins see every delivery; a subscriber sees its own organisation's."""
     _ANY_SCOPE(actor)
-    stmt = sa_select_deliveries(actor, organisation_id)
+    stmt = _visible_deliveries(actor, organisation_id)
     if status is not None:
         stmt = stmt.where(Delivery.status == status)
     if channel is not None:
@@ -172,9 +173,8 @@ def list_deliveries(request: Request, response: Response, actor: CallerDep,
     return page_response(request, response, page, delivery_out)
 
 
-def sa_select_deliveries(actor: Any, organisation_id: str | None) -> Any:
-    import sqlalchemy as sa
-
+def _visible_deliveries(actor: Any, organisation_id: str | None) -> Any:
+    """Admins see every delivery (optionally one organisation's); others their own."""
     stmt = sa.select(Delivery)
     if actor.has("admin"):
         if organisation_id is not None:
@@ -189,8 +189,6 @@ def sa_select_deliveries(actor: Any, organisation_id: str | None) -> Any:
 
 @router.get("/deliveries/{delivery_id}", tags=["deliveries"], response_model=DeliveryOut)
 def get_delivery(delivery_id: str, actor: CallerDep, session: SessionDep) -> dict[str, Any]:
-    import sqlalchemy as sa
-
     _ANY_SCOPE(actor)
     delivery = deliveries.get_delivery(session, actor, parse_id(delivery_id, "delivery"))
     attempts = list(session.scalars(sa.select(DeliveryAttempt)
