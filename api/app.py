@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import re
 import time
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -86,6 +90,89 @@ class _TooLarge(Exception):
     pass
 
 
+class RequestDeadline:
+    """Answer 503 when a request has run out of time, instead of hanging with the client.
+
+    Meant for a database that stopped answering without closing its connections (a stalled
+    disk, a paused machine): psycopg has no client-side read timeout, so the request's
+    thread waits until the server returns, but the client gets a problem response and can
+    retry (with its Idempotency-Key) elsewhere or later."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.seconds <= 0:
+            await self.app(scope, receive, send)
+            return
+        started = False
+        abandoned = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if abandoned:  # we answered already; the late handler's output goes nowhere
+                return
+            started = True
+            await send(message)
+
+        # A separate task, not wait_for: a handler blocked in a worker thread cannot be
+        # cancelled (the thread runs on), so we stop waiting for it instead.
+        handler = asyncio.ensure_future(self.app(scope, receive, guarded_send))
+        done, _ = await asyncio.wait({handler}, timeout=self.seconds)
+        if handler in done or started:
+            await handler
+            return
+        abandoned = True
+        handler.add_done_callback(_log_abandoned)
+        response = problems.problem(
+            "service-unavailable",
+            f"the request did not complete within {self.seconds:g} s; retry later",
+            headers={"Retry-After": "5"})
+        await response(scope, receive, send)
+
+
+def _log_abandoned(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger("doorstroom.api").warning(
+            "a request abandoned after its deadline failed later: %s",
+            type(task.exception()).__name__)
+
+
+class RefuseNulInUrl:
+    """A NUL in the path or the query string is malformed (400): no id, slug, token or filter
+    holds one, and PostgreSQL cannot even compare text with it (it would be a 500)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+                "\x00" in scope.get("path", "")
+                or b"\x00" in unquote_to_bytes(scope.get("query_string", b""))):
+            response = problems.problem("malformed-request",
+                                        "the URL must not contain NUL characters")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+#: Paths whose last segment is a credential (a feed token, an e-mail link token).
+_CAPABILITY_PATH = re.compile(r"(/v1/(?:feeds|email/confirm|email/unsubscribe)/)[^/\s?\"]+")
+
+
+class RedactCapabilityTokens(logging.Filter):
+    """Keep feed and e-mail link tokens out of the access log: they are credentials."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_CAPABILITY_PATH.sub(r"\1[redacted]", a)
+                                if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = _CAPABILITY_PATH.sub(r"\1[redacted]", record.msg)
+        return True
+
+
 def create_app() -> FastAPI:
     from domain.settings import get_settings
 
@@ -99,6 +186,7 @@ def create_app() -> FastAPI:
     for module in (updates, inbox, subscriptions, rules, webhooks, bundles):
         app.include_router(module.router)
     app.include_router(__import__("api.routes.email", fromlist=["router"]).router)
+    app.include_router(__import__("api.routes.audit", fromlist=["router"]).router)
 
     @app.middleware("http")
     async def observe_latency(request, call_next):  # type: ignore[no-untyped-def]
@@ -111,6 +199,11 @@ def create_app() -> FastAPI:
         return response
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestDeadline, seconds=settings.request_timeout_seconds)
+    app.add_middleware(RefuseNulInUrl)
+    access_log = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactCapabilityTokens) for f in access_log.filters):
+        access_log.addFilter(RedactCapabilityTokens())
     return app
 
 

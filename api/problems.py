@@ -38,6 +38,7 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "rate-limited": (429, "Too many requests"),
     "internal-error": (500, "Internal error"),
     "database-unavailable": (503, "The database is unreachable; retry later"),
+    "service-unavailable": (503, "The service could not answer in time; retry later"),
 }
 
 

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     #: How long the relay waits for the broker right after a commit before leaving the row
     #: to the poller.
     relay_publish_timeout_seconds: float = 0.5
+    #: A request still running after this long answers 503 (0 switches the deadline off).
+    request_timeout_seconds: float = 15.0
     #: How often the outbox relay polls for rows that were not dispatched right after commit.
     outbox_poll_seconds: float = 2.0
     #: Work that has been dispatched but not finished after this long is dispatched again.
