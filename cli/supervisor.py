@@ -1,9 +1,10 @@
 """`doorstroom up` (what `make run` calls): one command that runs the whole platform locally.
 
-It migrates and seeds, then starts the API and a worker with the scheduler embedded as child
-processes, waits until the API is ready, plays the demo and prints where to look. Ctrl-C
-(or SIGTERM) stops every child: each runs in its own process group, which is terminated and,
-if it does not leave in time, killed.
+It migrates and seeds, then starts as child processes the API, a worker for the default queue
+with the scheduler embedded and a sender worker for the `deliveries` queue (webhooks, e-mail),
+waits until the API is ready, plays the demo and prints where to look. Ctrl-C (or SIGTERM)
+stops every child: each runs in its own process group, which is terminated and, if it does not
+leave in time, killed.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def _banner(base: str) -> None:
 
 
 def run_all(host: str, port: int) -> int:
+    from workers.celery_app import DEFAULT_QUEUE, DELIVERIES_QUEUE
+
     settings = get_settings()
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     print(f"database: {settings.database_url}")
@@ -78,8 +81,14 @@ def run_all(host: str, port: int) -> int:
     try:
         children.append(subprocess.Popen(_doorstroom("api", "--host", host, "--port", str(port)),
                                          start_new_session=True))
-        children.append(subprocess.Popen(_doorstroom("worker", "--beat", "--concurrency", "2"),
-                                         start_new_session=True))
+        # As in production: routing on the default queue (with the scheduler embedded), and
+        # a sender of its own for webhooks and e-mail, so slow receivers never hold up routing.
+        children.append(subprocess.Popen(
+            _doorstroom("worker", "--queues", DEFAULT_QUEUE, "--beat", "--concurrency", "2"),
+            start_new_session=True))
+        children.append(subprocess.Popen(
+            _doorstroom("worker", "--queues", DELIVERIES_QUEUE, "--concurrency", "2"),
+            start_new_session=True))
         base = f"http://{host}:{port}"
         if not _wait_ready(f"{base}/readyz"):
             print("the API did not become ready; stopping", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -228,21 +229,34 @@ def signing_secrets(endpoint: WebhookEndpoint, now: datetime) -> tuple[str, ...]
     return tuple(keys)
 
 
-def claim_due_webhooks(session: Session, limit: int = 500) -> list[WebhookSend]:
+def claim_due_webhooks(session: Session, limit: int = 500, *,
+                       per_endpoint: int | None = None,
+                       exclude: Collection[uuid.UUID] = ()) -> list[WebhookSend]:
     """Lease up to `limit` due webhook deliveries to this sender and commit the lease.
 
     `FOR UPDATE SKIP LOCKED` lets several senders work side by side; a sender that dies
     leaves leases that simply run out. Deliveries to endpoints that do not take the event
-    type are marked skipped."""
+    type are marked skipped. With `per_endpoint`, at most that many deliveries of any one
+    endpoint are claimed (the oldest due first), so one endpoint's backlog never fills the
+    claim; endpoints in `exclude` (a sender's endpoints already at their limit) are left out."""
     now = get_settings().now()
+    due = [Delivery.status == DeliveryStatus.pending,
+           Delivery.channel == ChannelType.webhook,
+           Delivery.next_attempt_at <= now,
+           sa.or_(Delivery.leased_until.is_(None), Delivery.leased_until < now)]
+    if exclude:
+        due.append(Delivery.endpoint_id.not_in(list(exclude)))
     stmt = (sa.select(Delivery, WebhookEndpoint)
             .join(WebhookEndpoint, WebhookEndpoint.id == Delivery.endpoint_id)
-            .where(Delivery.status == DeliveryStatus.pending,
-                   Delivery.channel == ChannelType.webhook,
-                   Delivery.next_attempt_at <= now,
-                   sa.or_(Delivery.leased_until.is_(None), Delivery.leased_until < now),
-                   WebhookEndpoint.enabled.is_(True))
+            .where(*due, WebhookEndpoint.enabled.is_(True))
             .order_by(Delivery.next_attempt_at).limit(limit))
+    if per_endpoint is not None:
+        ranked = (sa.select(Delivery.id, sa.func.row_number().over(
+                      partition_by=Delivery.endpoint_id,
+                      order_by=(Delivery.next_attempt_at, Delivery.id)).label("rank"))
+                  .where(*due).subquery())
+        stmt = stmt.where(Delivery.id.in_(
+            sa.select(ranked.c.id).where(ranked.c.rank <= max(1, per_endpoint))))
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update(of=Delivery, skip_locked=True)
     claimed: list[WebhookSend] = []

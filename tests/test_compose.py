@@ -22,7 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "compose-spec.json"
 
-REQUIRED_SERVICES = {"postgres", "redis", "migrate", "api", "worker", "beat"}
+REQUIRED_SERVICES = {"postgres", "redis", "migrate", "api", "worker", "sender", "beat"}
 # Anything in an environment whose name says it is a secret.
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|(^|_)KEY$")
 # A required variable: Compose refuses to start without it, so there is no default to leak.
@@ -143,16 +143,17 @@ def test_every_app_command_is_a_real_doorstroom_command(
     services: dict[str, dict[str, Any]],
 ) -> None:
     commands = app_services(services)
-    assert commands.keys() >= {"migrate", "api", "worker", "beat"}
+    assert commands.keys() >= {"migrate", "api", "worker", "sender", "beat"}
     for name, service in commands.items():
         resolved = resolve_cli(service["command"])
         assert resolved.name == service["command"][1], name
 
 
+@pytest.mark.parametrize("name", ["worker", "sender"])
 def test_the_worker_healthcheck_names_the_real_celery_app(
-    services: dict[str, dict[str, Any]],
+    services: dict[str, dict[str, Any]], name: str,
 ) -> None:
-    test = " ".join(services["worker"]["healthcheck"]["test"])
+    test = " ".join(services[name]["healthcheck"]["test"])
     match = re.search(r"-A\s+(?P<module>[\w.]+)(:(?P<attr>\w+))?", test)
     assert match, test
     assert importlib.util.find_spec(match["module"]) is not None, match["module"]
@@ -160,6 +161,27 @@ def test_the_worker_healthcheck_names_the_real_celery_app(
         # Importing it builds the Celery app without connecting to the broker.
         module = importlib.import_module(match["module"])
         assert hasattr(module, match["attr"]), match["attr"]
+
+
+def test_routing_and_sending_run_in_workers_of_their_own(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Slow receivers must not hold up routing: the worker takes the default queue only, the
+    sender the deliveries queue, and together they take every queue the tasks are routed to."""
+    from workers.celery_app import DEFAULT_QUEUE, DELIVERIES_QUEUE, DELIVERY_TASKS, celery_app
+
+    def queues(service: dict[str, Any]) -> set[str]:
+        command = service["command"]
+        return set(command[command.index("--queues") + 1].split(","))
+
+    assert queues(services["worker"]) == {DEFAULT_QUEUE}
+    assert queues(services["sender"]) == {DELIVERIES_QUEUE}
+    celery_app.loader.import_default_modules()  # the task modules, as a worker does
+    router = celery_app.amqp.router
+    routed = {name: router.route({}, name)["queue"].name for name in celery_app.tasks
+              if not name.startswith("celery.")}
+    assert {routed[name] for name in DELIVERY_TASKS} == {DELIVERIES_QUEUE}
+    assert {q for name, q in routed.items() if name not in DELIVERY_TASKS} == {DEFAULT_QUEUE}
 
 
 def test_the_image_runs_a_real_doorstroom_command() -> None:

@@ -366,20 +366,78 @@ def test_items_that_cannot_start_within_the_budget_are_given_back(receiver, secr
     assert [o.delivery_id for o in outcomes] == [batch[0].delivery_id]
 
 
-def test_send_due_gives_back_what_it_could_not_start_before_the_lease_runs_out(
-        world, receiver, monkeypatch):
-    # A budget of 1 s (the floor) and one request at a time to an endpoint that takes 0.6 s:
-    # two deliveries go out, the third is handed back unsent for the next sender.
-    monkeypatch.setattr(webhooks, "LEASE_MARGIN_SECONDS", 1000.0)
+def test_send_due_claims_no_more_for_an_endpoint_than_it_can_start(world, receiver):
+    # One request at a time to an endpoint that takes 0.3 s: the sender claims one delivery,
+    # then the next as the first ends, never a backlog that waits on the endpoint.
+    world.configure(webhook_per_endpoint_concurrency=1, webhook_timeout_seconds=2)
+    ep = world.endpoint("/slowish", behaviour=slow(0.3))
+    sent = [world.delivery_for(world.publish(), ep) for _ in range(3)]
+    assert world.send() == 3
+    assert {d.status for d in sent} == {DeliveryStatus.succeeded}
+    assert receiver.max_in_flight["/slowish"] == 1
+    assert all(len(world.attempts(d)) == 1 for d in sent)
+
+
+def test_send_due_stops_claiming_when_its_time_is_up(world, receiver):
+    # One request at a time, 0.6 s each, and 1 s to run: two deliveries go out, the third is
+    # never claimed (no lease, no attempt) and is left for the next sender.
     world.configure(webhook_per_endpoint_concurrency=1, webhook_timeout_seconds=2)
     ep = world.endpoint("/slowish", behaviour=slow(0.6))
     sent = [world.delivery_for(world.publish(), ep) for _ in range(3)]
-    assert world.send() == 2
+    assert world.send(max_seconds=1.0) == 2
     assert sorted(d.status.value for d in sent) == ["pending", "succeeded", "succeeded"]
     (left,) = [d for d in sent if d.status is DeliveryStatus.pending]
     assert left.leased_until is None and left.attempt_count == 0
     assert world.attempts(left) == []
     assert len(receiver.received("/slowish")) == 2
+
+
+def test_a_slow_endpoint_does_not_hold_up_newer_work_or_its_recording(
+        world, receiver, db_session, monkeypatch):
+    # The slow endpoint's request runs for its whole 2 s timeout. Meanwhile a healthy
+    # delivery that becomes due later is claimed, sent and recorded: the sender streams, it
+    # does not wait for its slowest request.
+    world.configure(webhook_timeout_seconds=2)
+    slow_ep = world.endpoint("/slow", behaviour=slow(5))
+    ok_ep = world.endpoint("/ok")
+    update = world.publish()
+    slow_delivery, first = world.delivery_for(update, slow_ep), world.delivery_for(update, ok_ep)
+    second = world.publish()
+    later = world.delivery_for(second, ok_ep)
+    later.next_attempt_at = get_settings().now() + timedelta(seconds=0.5)
+    world.delivery_for(second, slow_ep).next_attempt_at = get_settings().now() + timedelta(
+        hours=1)  # not this sender's business
+    slow_delivery.next_attempt_at = first.next_attempt_at = get_settings().now()
+    db_session.flush()
+    recorded: dict[uuid.UUID, float] = {}
+    record = webhooks._record
+
+    def timed_record(session_factory, outcomes, unsent):
+        record(session_factory, outcomes, unsent)
+        recorded.update({o.delivery_id: time.monotonic() for o in outcomes})
+
+    monkeypatch.setattr(webhooks, "_record", timed_record)
+    started = time.monotonic()
+    assert world.send() == 3
+    assert recorded[first.id] - started < 1.0
+    assert 0.5 <= recorded[later.id] - started < 1.5
+    assert recorded[slow_delivery.id] - started >= 2.0
+    assert first.status is later.status is DeliveryStatus.succeeded
+    assert slow_delivery.status is DeliveryStatus.pending
+    assert world.attempts(slow_delivery)[0].error.startswith("timeout")
+
+
+def test_claims_take_at_most_the_limit_per_endpoint_and_leave_out_busy_ones(world,
+                                                                            db_session):
+    busy, backlog, other = (world.endpoint(f"/{n}") for n in ("busy", "backlog", "other"))
+    for _ in range(5):
+        world.publish()
+    with world.session() as session:
+        claimed = deliveries.claim_due_webhooks(session, 100, per_endpoint=2, exclude=[busy.id])
+    by_endpoint: dict[uuid.UUID, int] = {}
+    for send_item in claimed:
+        by_endpoint[send_item.endpoint_id] = by_endpoint.get(send_item.endpoint_id, 0) + 1
+    assert by_endpoint == {backlog.id: 2, other.id: 2}
 
 
 # ----------------------------------------------------------------------------- SSRF

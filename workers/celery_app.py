@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu import Exchange, Queue
 
 from domain.settings import Settings, get_settings
 
@@ -30,6 +31,16 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     return url, {"visibility_timeout": 3600, "socket_timeout": 5, "socket_connect_timeout": 2}
 
 
+#: The default queue: routing, bundles, the outbox sweep (short database work).
+DEFAULT_QUEUE = "doorstroom"
+#: Sending to the outside world (webhooks, e-mail): its tasks wait on other people's servers,
+#: so they get a queue of their own, and in production a worker of their own (`doorstroom
+#: worker --queues deliveries`, the `sender` service), never holding up routing.
+DELIVERIES_QUEUE = "deliveries"
+DELIVERY_TASKS = ("deliveries.send_due", "email.send_due", "email.send_confirmation",
+                  "email.send_notice")
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     url, options = broker_options(settings)
@@ -49,7 +60,12 @@ def make_celery(settings: Settings | None = None) -> Celery:
         accept_content=["json"],
         timezone=settings.timezone,
         enable_utc=True,
-        task_default_queue="doorstroom",
+        task_default_queue=DEFAULT_QUEUE,
+        # A worker started without --queues consumes both (`make run`'s single worker, tests).
+        # Each its own exchange and routing key: a shared key would put every message on both.
+        task_queues=tuple(Queue(name, Exchange(name, type="direct"), routing_key=name)
+                          for name in (DEFAULT_QUEUE, DELIVERIES_QUEUE)),
+        task_routes={name: {"queue": DELIVERIES_QUEUE} for name in DELIVERY_TASKS},
         task_time_limit=1800,
         task_soft_time_limit=1700,
         # Publishing must never hang on a dead broker: the outbox keeps the work instead.

@@ -1,8 +1,12 @@
 """Webhook sending: signed CloudEvents over HTTP, to the address that passed the SSRF check.
 
-`send_due` is the core: claim a batch of due deliveries (leased in the database), send it
-concurrently, record every attempt. The Celery task `deliveries.send_due` is a thin shell
-around it, run by the scheduler every `delivery_poll_seconds` and after routing.
+`send_due` is the core: a streaming sender. One event loop keeps up to `MAX_IN_FLIGHT`
+requests in flight (at most `webhook_per_endpoint_concurrency` per endpoint), claims more due
+deliveries (leased in the database) as slots free up, and records outcomes in small
+transactions as they come in; a slow endpoint only ever holds its own slots, never the others'
+work. The Celery task `deliveries.send_due` is a thin shell around it, run by the scheduler
+every `delivery_poll_seconds` and after routing, on a queue of its own (`deliveries`, see
+workers/celery_app.py) so that sending never holds up routing.
 
 Every send checks its URL again (`domain.ssrf.resolve_target`) and then connects to the very
 address it checked: the request URL carries the IP literal, the `Host` header and the TLS
@@ -25,7 +29,7 @@ import ipaddress
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
@@ -56,9 +60,18 @@ MAX_RESPONSE_BYTES = 64 * 1024
 ERROR_BODY_CHARS = 200
 #: Requests in flight at once over the whole batch (each endpoint also has its own limit).
 MAX_IN_FLIGHT = 256
-#: `send_due` claims again while batches come back full, at most this often and this long.
-MAX_ROUNDS = 20
-MAX_RUN_SECONDS = 600.0
+#: One `send_due` stops claiming after this long and finishes what is in flight. Short, so
+#: that a worker's warm shutdown does not wait long (the pool cannot tell its tasks to stop);
+#: while work keeps coming, the next queued `deliveries.send_due` carries on at once.
+MAX_RUN_SECONDS = 5.0
+#: While requests are in flight, `send_due` looks for newly due work this often...
+POLL_SECONDS = 0.1
+#: ...and right after requests finish, but not more often than this.
+MIN_CLAIM_INTERVAL = 0.01
+#: Finished outcomes are recorded (one transaction) once this many are waiting or the oldest
+#: has waited this long.
+FLUSH_OUTCOMES = 50
+FLUSH_SECONDS = 0.05
 #: A batch stops starting requests this long before its lease would run out, plus one
 #: request timeout, so that no other sender can claim a delivery that is still in flight.
 LEASE_MARGIN_SECONDS = 10.0
@@ -326,39 +339,143 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 SessionFactory = Callable[[], AbstractContextManager[Session]]
 
 
+def _claim(session_factory: SessionFactory, limit: int, per_endpoint: int,
+           exclude: list[uuid.UUID]) -> list[WebhookSend]:
+    with session_factory() as session:
+        return deliveries.claim_due_webhooks(session, limit, per_endpoint=per_endpoint,
+                                             exclude=exclude)
+
+
+def _record(session_factory: SessionFactory, outcomes: list[Outcome],
+            unsent: list[uuid.UUID]) -> None:
+    with session_factory() as session:
+        deliveries.record_outcomes(session, outcomes)
+        if unsent:
+            deliveries.release_leases(session, unsent)
+
+
+async def stream_due(limit: int = 500, *, session_factory: SessionFactory = session_scope,
+                     resolver: Resolver = system_resolver,
+                     transport: httpx.AsyncBaseTransport | None = None,
+                     max_in_flight: int = MAX_IN_FLIGHT,
+                     max_seconds: float | None = None) -> int:
+    """The streaming sender (see the module's description); answers the attempts made.
+
+    It claims only for endpoints below their limit (and at most that limit per endpoint per
+    claim), so what it claims starts at once or as soon as that endpoint's own request ends;
+    an item that could not start before its lease would run out (less one timeout and
+    `LEASE_MARGIN_SECONDS`) is given back unsent. It ends when nothing is due and nothing is
+    in flight, or `max_seconds` after it began (then it finishes what is in flight). The
+    synchronous database work runs in a thread, one call at a time."""
+    settings = get_settings()
+    timeout = settings.webhook_timeout_seconds
+    per_endpoint = max(1, settings.webhook_per_endpoint_concurrency)
+    capacity = max(1, max_in_flight)
+    start_budget = max(1.0, deliveries.LEASE.total_seconds() - timeout - LEASE_MARGIN_SECONDS)
+    run_until = time.monotonic() + (MAX_RUN_SECONDS if max_seconds is None else max_seconds)
+    http = make_client(timeout, transport=transport, pool_size=capacity)
+    signers = _Signers()
+    lookups = concurrent.futures.ThreadPoolExecutor(max_workers=32,
+                                                    thread_name_prefix="webhook-dns")
+    gates: defaultdict[uuid.UUID, asyncio.Semaphore] = defaultdict(
+        lambda: asyncio.Semaphore(per_endpoint))
+    options = {"resolver": resolver, "allow_loopback": settings.webhook_allow_loopback,
+               "require_https": require_https_for(settings), "timeout": timeout}
+    tasks: dict[asyncio.Task[Outcome | None], WebhookSend] = {}
+    outstanding: Counter[uuid.UUID] = Counter()  # claimed and not finished, per endpoint
+    finished: list[Outcome] = []
+    unsent: list[uuid.UUID] = []
+    oldest_unrecorded: float | None = None
+    sent = succeeded = given_back = 0
+
+    async def one(item: WebhookSend, start_by: float) -> Outcome | None:
+        async with gates[item.endpoint_id]:
+            if time.monotonic() > start_by:
+                return None
+            return await _attempt(http, item, signers, lookups, **options)
+
+    async def flush() -> None:
+        nonlocal finished, unsent, oldest_unrecorded, sent, succeeded, given_back
+        outcomes, back = finished, unsent
+        finished, unsent, oldest_unrecorded = [], [], None
+        await asyncio.to_thread(_record, session_factory, outcomes, back)
+        sent += len(outcomes)
+        succeeded += sum(o.succeeded for o in outcomes)
+        given_back += len(back)
+
+    next_claim = last_claim = time.monotonic()
+    try:
+        while True:
+            now = time.monotonic()
+            may_claim = len(tasks) < capacity and now < run_until
+            if may_claim and (not tasks or now >= next_claim):
+                exclude = [e for e, n in outstanding.items() if n >= per_endpoint]
+                asked = min(capacity - len(tasks), limit)
+                last_claim = now
+                batch = await asyncio.to_thread(_claim, session_factory, asked, per_endpoint,
+                                                exclude)
+                start_by = now + start_budget  # the leases were taken after `now`
+                for item in batch:
+                    outstanding[item.endpoint_id] += 1
+                    tasks[asyncio.create_task(one(item, start_by))] = item
+                # A full claim: there may be more, take it at once; else look again soon.
+                next_claim = now if len(batch) >= asked else now + POLL_SECONDS
+            if not tasks:
+                break  # nothing due (or out of time) and nothing in flight
+            now = time.monotonic()
+            deadlines = []
+            if may_claim and len(tasks) < capacity:
+                deadlines.append(next_claim)
+            if oldest_unrecorded is not None:
+                deadlines.append(oldest_unrecorded + FLUSH_SECONDS)
+            wait = max(0.0, min(deadlines) - now) if deadlines else None
+            done, _ = await asyncio.wait(tasks, timeout=wait,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                item = tasks.pop(task)
+                outstanding[item.endpoint_id] -= 1
+                if outstanding[item.endpoint_id] <= 0:
+                    del outstanding[item.endpoint_id]
+                outcome = task.result()
+                if outcome is None:
+                    unsent.append(item.delivery_id)
+                else:
+                    finished.append(outcome)
+            now = time.monotonic()
+            if done:
+                oldest_unrecorded = oldest_unrecorded or now
+                # Slots came free: claim again soon, but not once per finished request.
+                next_claim = min(next_claim, last_claim + MIN_CLAIM_INTERVAL)
+            if oldest_unrecorded is not None and (
+                    not tasks or len(finished) + len(unsent) >= FLUSH_OUTCOMES
+                    or now - oldest_unrecorded >= FLUSH_SECONDS):
+                await flush()
+        if finished or unsent:
+            await flush()
+    finally:
+        # Only on an error (a database failure): what is still in flight is abandoned; its
+        # leases run out and another sender tries again.
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        lookups.shutdown(wait=False, cancel_futures=True)
+        await http.aclose()
+    if sent or given_back:
+        log.info("webhooks: %d sent (%d succeeded), %d given back", sent, succeeded,
+                 given_back)
+    return sent
+
+
 def send_due(limit: int = 500, *, session_factory: SessionFactory = session_scope,
              resolver: Resolver = system_resolver,
              transport: httpx.AsyncBaseTransport | None = None,
-             max_rounds: int = MAX_ROUNDS) -> int:
-    """Send every due webhook delivery: claim a batch, send it, record the outcomes; again
-    while batches come back full (bounded). Answers the number of attempts made."""
-    settings = get_settings()
-    timeout = settings.webhook_timeout_seconds
-    budget = max(1.0, deliveries.LEASE.total_seconds() - timeout - LEASE_MARGIN_SECONDS)
-    started = time.monotonic()
-    sent = 0
-    for _ in range(max_rounds):
-        with session_factory() as session:
-            batch = deliveries.claim_due_webhooks(session, limit)
-        if not batch:
-            break
-        outcomes = _run(send_batch(
-            batch, resolver=resolver, allow_loopback=settings.webhook_allow_loopback,
-            require_https=require_https_for(settings), timeout=timeout,
-            per_endpoint=settings.webhook_per_endpoint_concurrency, transport=transport,
-            budget=budget))
-        done = {o.delivery_id for o in outcomes}
-        unsent = [item.delivery_id for item in batch if item.delivery_id not in done]
-        with session_factory() as session:
-            deliveries.record_outcomes(session, outcomes)
-            if unsent:
-                deliveries.release_leases(session, unsent)
-        sent += len(outcomes)
-        log.info("webhooks: %d sent (%d succeeded), %d given back", len(outcomes),
-                 sum(o.succeeded for o in outcomes), len(unsent))
-        if unsent or len(batch) < limit or time.monotonic() - started > MAX_RUN_SECONDS:
-            break
-    return sent
+             max_seconds: float | None = None) -> int:
+    """Send every due webhook delivery with the streaming sender (`stream_due`) until nothing
+    is due and nothing is in flight (bounded by `max_seconds`, default `MAX_RUN_SECONDS`).
+    Answers the number of attempts made."""
+    return _run(stream_due(limit, session_factory=session_factory, resolver=resolver,
+                           transport=transport, max_seconds=max_seconds))
 
 
 @celery_app.task(name=deliveries.SEND_TASK, autoretry_for=(OperationalError,),
