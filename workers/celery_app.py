@@ -19,12 +19,14 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     url = settings.broker_url
     if url.startswith("filesystem"):
         folder = settings.broker_folder
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return url, {
             "data_folder_in": str(folder / "out"),
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),
+            # Exchange bindings (one per queue): kept with the broker, not in the cwd.
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
     # Above the longest task, so that Redis does not hand a running task to a second worker.
