@@ -140,20 +140,24 @@ def _log_abandoned(task: asyncio.Future[None]) -> None:
 
 
 class RefuseNulInUrl:
-    """A NUL in the path or the query string is malformed (400): no id, slug, token or filter
-    holds one, and PostgreSQL cannot even compare text with it (it would be a 500)."""
+    """No id, slug, token or filter holds a NUL, and PostgreSQL cannot even compare text
+    with one (it would be a 500): a path with a NUL names nothing (404, like any unknown
+    id), a query string with one is malformed (400)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (
-                "\x00" in scope.get("path", "")
-                or b"\x00" in unquote_to_bytes(scope.get("query_string", b""))):
-            response = problems.problem("malformed-request",
-                                        "the URL must not contain NUL characters")
-            await response(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            response = None
+            if "\x00" in scope.get("path", ""):
+                response = problems.problem("not-found")
+            elif b"\x00" in unquote_to_bytes(scope.get("query_string", b"")):
+                response = problems.problem("malformed-request",
+                                            "the query string must not contain NUL characters")
+            if response is not None:
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

@@ -14,6 +14,8 @@ T = TypeVar("T")
 Id = str
 Nis = Annotated[str, StringConstraints(pattern=r"^\d{5}$")]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=300, strip_whitespace=True)]
+#: Names stored in 200-character columns (groups, topics, routing rules).
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 
 
 def _clean_text(value: Any) -> Any:
@@ -125,7 +127,7 @@ class KeyIssued(KeyOut):
 
 
 class GroupCreate(Request):
-    name: ShortText
+    name: Name
     description: Annotated[str, StringConstraints(max_length=2000)] | None = None
     members: list[Id] = Field(default_factory=list, max_length=10_000)
 
@@ -151,16 +153,16 @@ Definition = Annotated[str, StringConstraints(max_length=5000)]
 class TopicCreate(Request):
     slug: Slug
     parent: Slug | None = None
-    name_nl: ShortText
-    name_en: ShortText
+    name_nl: Name
+    name_en: Name
     definition_nl: Definition = ""
     definition_en: Definition = ""
 
 
 class TopicPatch(Request):
     parent: Slug | None = None
-    name_nl: ShortText | None = None
-    name_en: ShortText | None = None
+    name_nl: Name | None = None
+    name_en: Name | None = None
     definition_nl: Definition | None = None
     definition_en: Definition | None = None
     deprecated: bool | None = None
@@ -381,7 +383,7 @@ class Targets(Request):
 
 
 class RuleCreate(Request):
-    name: ShortText
+    name: Name
     description: Annotated[str, StringConstraints(max_length=2000)] | None = None
     action: Literal["route", "suppress"] = "route"
     filter: FilterIn = Field(default_factory=FilterIn)

@@ -123,14 +123,28 @@ def smtp_config(smtp_url: str | None = None) -> SmtpConfig:
 # --------------------------------------------------------------------------------- MIME
 
 
+def header_value(value: str, limit: int) -> str:
+    """`mail.header_text`, and no RFC 2047 encoded word: the email package decodes an
+    encoded word in a value it is given (`=?utf-8?q?a=0D=0ABcc=3A_x?=` becomes "a", CR LF,
+    "Bcc: x") and, before Python 3.11.10 / 3.12.5 (gh-121650), writes the decoded CR LF out
+    as is: a header injection. A space after "=" keeps such text literal."""
+    return mail.header_text(value, limit).replace("=?", "= ?")
+
+
 def build_message(outgoing: mail.OutgoingMail, sender: str) -> EmailMessage:
     """multipart/alternative (text, then HTML) or text alone. Every header value here is
     either fixed, an address validated at subscription time, or passed through
-    `mail.header_text`; the stdlib also refuses CR/LF in header values."""
+    `header_value`; the stdlib also refuses CR/LF in header values. An address that the
+    email package cannot write (it decodes encoded words in it too) is a permanent refusal
+    of that recipient (553), not an error that stops the batch."""
     message = EmailMessage()
     message["From"] = sender
-    message["To"] = outgoing.to
-    message["Subject"] = mail.header_text(outgoing.subject, 250)
+    try:
+        message["To"] = outgoing.to
+    except ValueError as exc:
+        raise MailSendError(553, f"the address cannot be written in a header: {exc}",
+                            "rcpt") from exc
+    message["Subject"] = header_value(outgoing.subject, 250)
     message["Date"] = format_datetime(get_settings().now())
     message["Message-ID"] = outgoing.message_id or make_msgid(domain=mail.mail_domain())
     message.set_content(outgoing.text, subtype="plain", charset="utf-8")
@@ -138,7 +152,7 @@ def build_message(outgoing: mail.OutgoingMail, sender: str) -> EmailMessage:
         message.add_alternative(outgoing.html, subtype="html", charset="utf-8")
     # After the body: setting content replaces Content-* headers (Content-Language).
     for name, value in outgoing.headers:
-        message[name] = mail.header_text(value, 900)
+        message[name] = header_value(value, 900)
     return message
 
 

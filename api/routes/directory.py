@@ -28,7 +28,7 @@ from api.schemas import (
 from domain import directory, keys
 from domain.models import ApiKey, Group, Kind, Level, Organisation, Topic
 
-router = APIRouter(prefix="/v1", responses=responses(404))
+router = APIRouter(prefix="/v1", responses=responses(404, 409))
 
 Cursor = Annotated[str | None, Query(max_length=500)]
 Limit = Annotated[int | None, Query(ge=1, le=200)]
@@ -86,7 +86,7 @@ def get_organisation(organisation_id: str, _actor: CallerDep,
 def patch_organisation(organisation_id: str, body: OrganisationPatch, actor: AdminDep,
                        session: SessionDep) -> OrganisationOut:
     changes = body.model_dump(exclude_unset=True)
-    if changes.get("parent_id"):
+    if changes.get("parent_id") is not None:
         changes["parent_id"] = parse_ref(changes["parent_id"], "parent_id")
     for required in ("name", "level", "kind"):
         if required in changes and changes[required] is None:
