@@ -76,15 +76,21 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         beat_schedule={
             # Backs up the relay thread's own sweeps (see workers/relay.py).
-            "outbox-sweep": {"task": "outbox.sweep", "schedule": settings.sweeper_stale_seconds},
+            # Every periodic task expires after its own period: ticks that no worker took
+            # while the workers were down are dropped instead of piling up in the broker.
+            "outbox-sweep": {"task": "outbox.sweep", "schedule": settings.sweeper_stale_seconds,
+                             "options": {"expires": settings.sweeper_stale_seconds}},
             # Retries are due at times stored in the database; these pick them up.
             "webhooks-send-due": {"task": "deliveries.send_due",
-                                  "schedule": settings.delivery_poll_seconds},
+                                  "schedule": settings.delivery_poll_seconds,
+                                  "options": {"expires": settings.delivery_poll_seconds}},
             "email-send-due": {"task": "email.send_due",
-                               "schedule": settings.delivery_poll_seconds},
+                               "schedule": settings.delivery_poll_seconds,
+                               "options": {"expires": settings.delivery_poll_seconds}},
             # Bundle windows are rows and times in the database; this only looks for due ones.
             "bundles-run-due": {"task": "bundles.run_due",
-                                "schedule": settings.bundle_poll_seconds},
+                                "schedule": settings.bundle_poll_seconds,
+                                "options": {"expires": settings.bundle_poll_seconds}},
         },
     )
     return app
