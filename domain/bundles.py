@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session, aliased
 
 from domain import audit, events, outbox, schedule
+from domain.db import rowcount
 from domain.deliveries import (
     SEND_EMAIL_TASK,
     SEND_TASK,
@@ -123,9 +124,9 @@ def run_due_bundles(session: Session, now: datetime | None = None) -> RunReport:
     session.execute(insert, rows)
     run_ids = [r["id"] for r in rows]
     built = _write_entries(session, run_ids, now)
-    empty = session.execute(
+    empty = rowcount(session.execute(
         sa.delete(Bundle).where(Bundle.id.in_(run_ids), Bundle.item_count == 0)
-        .execution_options(synchronize_session=False)).rowcount or 0
+        .execution_options(synchronize_session=False)))
     subscriptions_table = Subscription.__table__
     session.execute(
         sa.update(subscriptions_table).where(subscriptions_table.c.id == sa.bindparam("sub_id"))
@@ -172,10 +173,10 @@ def _write_entries(session: Session, bundle_ids: list[uuid.UUID], now: datetime)
         ["bundle_id", "chain_id", "subscription_id", "update_id", "state", "reasons"], select))
     counts = (sa.select(sa.func.count()).select_from(BundleEntry)
               .where(BundleEntry.bundle_id == Bundle.id).scalar_subquery())
-    return session.execute(
+    return rowcount(session.execute(
         sa.update(Bundle).where(Bundle.id.in_(bundle_ids), Bundle.built_at.is_(None))
         .values(item_count=counts, built_at=now)
-        .execution_options(synchronize_session=False)).rowcount or 0
+        .execution_options(synchronize_session=False)))
 
 
 def _create_bundle_deliveries(session: Session, bundle_ids: list[uuid.UUID],
@@ -197,7 +198,7 @@ def _create_bundle_deliveries(session: Session, bundle_ids: list[uuid.UUID],
                "next_attempt_at", "created_at"]
     insert = _dialect_insert(session)(Delivery).from_select(columns, select.where(sa.true()))
     insert = insert.on_conflict_do_nothing(index_elements=["bundle_id"])
-    created = session.execute(insert.execution_options(preserve_rowcount=True)).rowcount or 0
+    created = rowcount(session.execute(insert.execution_options(preserve_rowcount=True)))
     if created > 0:
         _fill_webhook_payloads(session, bundle_ids)
     return max(created, 0)

@@ -94,3 +94,8 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def rowcount(result: Any) -> int:
+    """Rows a DML statement touched (0 when the driver does not say: -1 or missing)."""
+    return max(int(getattr(result, "rowcount", 0) or 0), 0)

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.functions import FunctionElement
 
 from domain import audit, events, outbox
+from domain.db import rowcount
 from domain.errors import InvalidInput, NotFound
 from domain.models import (
     Cadence,
@@ -123,7 +124,7 @@ def _insert_deliveries(session: Session, select: sa.Select[Any]) -> int:
     insert = _dialect_insert(session)(Delivery).from_select(columns, select.where(sa.true()))
     insert = insert.on_conflict_do_nothing(
         index_elements=["update_id", "subscription_id", "event_type"])
-    count = session.execute(insert.execution_options(preserve_rowcount=True)).rowcount or 0
+    count = rowcount(session.execute(insert.execution_options(preserve_rowcount=True)))
     return max(count, 0)
 
 
@@ -435,7 +436,7 @@ def replay_endpoint(session: Session, actor: audit.Actor, endpoint_id: uuid.UUID
                                   Delivery.status == DeliveryStatus.failed,
                                   Delivery.created_at >= since, Delivery.created_at < until)
         .values(status=DeliveryStatus.pending, next_attempt_at=now, leased_until=None))
-    count = result.rowcount or 0
+    count = rowcount(result)
     audit.record(session, actor, "webhook_endpoint.replayed", "webhook_endpoint", endpoint.id,
                  since=since.isoformat(), until=until.isoformat(), deliveries=count)
     outbox.enqueue(session, SEND_TASK, {})

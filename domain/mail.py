@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session
 
 from domain import audit, events, outbox
 from domain.bundles import bundle_contents
+from domain.db import rowcount
 from domain.deliveries import LEASE, RETRY_HORIZON, SEND_EMAIL_TASK, next_retry_at
 from domain.errors import NotFound
 from domain.models import (
@@ -578,7 +579,7 @@ def confirm_address(session: Session, token: str) -> Subscription:
             .where(Delivery.subscription_id == sub.id, Delivery.channel == ChannelType.email,
                    Delivery.status == DeliveryStatus.pending)
             .values(next_attempt_at=now, last_error=None))
-        released = result.rowcount or 0
+        released = rowcount(result)
         if released:
             outbox.enqueue(session, SEND_EMAIL_TASK, {})
         session.commit()

@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from domain.db import rowcount
 from domain.models import OutboxMessage
 from domain.settings import get_settings
 
@@ -83,7 +84,7 @@ def release_stuck(session: Session, stale_after: timedelta | None = None) -> int
                    OutboxMessage.dispatched_at < now - stale * (2 ** doublings), tier)
             .values(dispatched_at=None)
         )
-        released += result.rowcount or 0
+        released += rowcount(result)
     session.commit()
     return released
 

@@ -56,7 +56,7 @@ def clamp_limit(limit: int | None) -> int:
 def paginate(
     session: Session,
     stmt: sa.Select[Any],
-    key: sa.ColumnElement[Any],
+    key: Any,  # a mapped attribute or a column: the unique sort key
     cursor: str | None,
     limit: int | None,
     *,
@@ -85,7 +85,7 @@ def paginate(
     return Page(items=rows, next_cursor=next_cursor)
 
 
-def _key_of(row: Any, key: sa.ColumnElement[Any]) -> Any:
+def _key_of(row: Any, key: Any) -> Any:
     name = getattr(key, "key", None) or key.name
     if hasattr(row, name):
         return getattr(row, name)

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.functions import FunctionElement
 
 from domain import deliveries, events, matching, outbox
+from domain.db import rowcount
 from domain.filters import compile_stored_filter
 from domain.models import (
     Classification,
@@ -290,15 +291,15 @@ def route_update(session: Session, update_id: uuid.UUID,
     )
     statement = insert if fresh_chain else upsert
     # SQLAlchemy reports an INSERT's rowcount only when asked to (else -1 on PostgreSQL).
-    count = session.execute(statement.execution_options(preserve_rowcount=True)).rowcount or 0
+    count = rowcount(session.execute(statement.execution_options(preserve_rowcount=True)))
     if update.version > 1 and update.classification is not Classification.restricted:
         # A correction reaches the earlier recipients again, even those it no longer matches.
-        count += session.execute(
+        count += rowcount(session.execute(
             sa.update(InboxItem)
             .where(InboxItem.chain_id == update.chain_id, InboxItem.update_id != update.id)
             .values(update_id=update.id, received_at=now, delivered_at=now, read_at=None,
                     acked_at=None, needs_ack=update.priority is Priority.urgent)
-        ).rowcount or 0
+        ))
     pushed = _create_push_deliveries(session, update, plan)
     if pushed:
         outbox.enqueue(session, deliveries.SEND_TASK, {})
