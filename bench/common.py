@@ -87,14 +87,17 @@ def percentile(samples: list[float], p: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def point_product_at(url: str) -> None:
-    """Point the product's settings (and its cached engine) at the database `url`.
+def point_product_at(url: str | None) -> None:
+    """Point the product's settings (and its cached engine) at the database `url`; with
+    None, only close the product's connections.
 
     The product reads its settings once (`get_settings` is cached) and makes one engine from
     them; each workload has a database of its own, so both caches are cleared here. Imports
-    the product lazily: call it before using code under test, never from a baseline."""
-    os.environ["DOORSTROOM_DATABASE_URL"] = url
+    nothing of the product that is not imported yet."""
     import sys
+
+    if url is not None:
+        os.environ["DOORSTROOM_DATABASE_URL"] = url
 
     if "domain.settings" in sys.modules:
         from domain.settings import get_settings

@@ -18,7 +18,14 @@ from typing import Any
 
 import httpx
 
-from tests.processes import Process, ProcessError, free_port, process_env, wait_until
+from tests.processes import (
+    Process,
+    ProcessError,
+    _die_with_parent,
+    free_port,
+    process_env,
+    wait_until,
+)
 
 PYTHON = sys.executable
 
@@ -80,7 +87,9 @@ class Child:
         self.proc = subprocess.Popen([PYTHON, "-m", module, *(args or [])], env=dict(env),
                                      cwd=Path(__file__).resolve().parent.parent,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log, start_new_session=True)
+                                     stderr=self._log, start_new_session=True,
+                                     preexec_fn=_die_with_parent
+                                     if sys.platform == "linux" else None)
         self._buffer = b""
 
     def send(self, command: dict[str, Any]) -> None:

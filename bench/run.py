@@ -3,6 +3,10 @@
 Full mode writes `bench/results.json` and `docs/benchmarks.md`. `--quick` runs tiny sizes in
 a few seconds (it is part of `make test`), writes `bench/results-quick.json` only, and exits 0
 when a target is missed: a miss is reported, only a crash of the benchmark itself fails.
+
+Each workload gets a database of its own (dropped and recreated, then migrated), so that one
+workload's rows never change another's figures: P1 uses `doorstroom_bench`, the others
+`doorstroom_bench_p3` and so on; a quick run uses throwaway databases and drops them.
 """
 
 from __future__ import annotations
@@ -16,12 +20,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import BENCH_DB, ROOT, Measurement, drop_database, machine, recreate_database
+from bench.common import (
+    BENCH_DB,
+    ROOT,
+    Measurement,
+    drop_database,
+    machine,
+    point_product_at,
+    recreate_database,
+)
 
 RESULTS = ROOT / "bench" / "results.json"
 QUICK_RESULTS = ROOT / "bench" / "results-quick.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
-WORKLOADS = ("P1",)
+WORKLOADS = ("P1", "P3", "P4", "P5")
 #: Quick mode must stay bounded: no statement may run longer than this.
 QUICK_STATEMENT_TIMEOUT_MS = 60_000
 
@@ -37,8 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", metavar="WORKLOAD", type=str.upper,
                         help=f"run only this workload (repeatable): {', '.join(WORKLOADS)}")
     parser.add_argument("--sizes", type=lambda s: tuple(int(x) for x in s.split(",")),
-                        help="P1 sizes to run instead of the defaults, e.g. 100000,1000000 "
-                             "(writes nothing but the log)")
+                        help="sizes to run instead of the defaults: P1 subscriptions, e.g. "
+                             "100000,1000000; P3 deliveries (the first); P5 subscriptions "
+                             "(the first) (writes nothing but the log)")
     parser.add_argument("--runs", type=int, help="runs per side instead of the defaults")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.only or ()) - set(WORKLOADS))
@@ -47,38 +60,76 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+#: Settings every workload runs with (the product reads them from the environment):
+#: webhooks to 127.0.0.1 over plain HTTP (P3, P4), and no broker connection in this process
+#: (P4's processes get a real one in their own environment).
+PRODUCT_ENV = {
+    "DOORSTROOM_WEBHOOK_ALLOW_LOOPBACK": "true",
+    "DOORSTROOM_ENVIRONMENT": "test",
+    "DOORSTROOM_BROKER_URL": "memory://",
+}
+
+
+def database_for(workload: str, quick: bool) -> str:
+    name = BENCH_DB if workload == "P1" else f"{BENCH_DB}_{workload.lower()}"
+    return f"{name}_quick_{os.getpid()}" if quick else name
+
+
+def runner_for(workload: str) -> Callable[..., Measurement]:
+    if workload == "P1":
+        from bench import fanout
+
+        return fanout.run
+    if workload == "P3":
+        from bench import webhooks
+
+        return webhooks.run
+    if workload == "P4":
+        from bench import latency
+
+        return latency.run
+    from bench import bundles
+
+    return bundles.run
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     selected = [w for w in WORKLOADS if not args.only or w in args.only]
-    # The quick run gets a database of its own, so that `make test` never disturbs (or is
-    # disturbed by) a full run in progress; it is dropped at the end.
-    db_name = f"{BENCH_DB}_quick_{os.getpid()}" if args.quick else BENCH_DB
     started = time.perf_counter()
-    url = recreate_database(db_name)
-    # The product reads its settings once; point them at the benchmark database before any
-    # domain module is imported (routing itself only asks the settings for the clock).
-    os.environ["DOORSTROOM_DATABASE_URL"] = url
-    from domain import migrate
-    from domain.db import make_engine
-
-    migrate.upgrade(url)
-    options = f"-c statement_timeout={QUICK_STATEMENT_TIMEOUT_MS}" if args.quick else ""
-    engine = make_engine(url, connect_args={"connect_timeout": 5, "options": options})
+    # The product reads its settings once; they are set (and the database pointed at) before
+    # any domain module is imported, and again for each workload's database.
+    os.environ.update(PRODUCT_ENV)
+    os.environ.pop("DOORSTROOM_CLOCK", None)
     measurements: list[Measurement] = []
-    try:
-        runners: dict[str, Callable[..., Measurement]] = {}
-        from bench import fanout
+    runs_info: dict[str, dict[str, Any]] = {}
+    info: dict[str, Any] = {}
+    for workload in selected:
+        log(f"== {workload}")
+        workload_started = time.perf_counter()
+        # The quick run gets databases of its own, so that `make test` never disturbs (or is
+        # disturbed by) a full run in progress; they are dropped at the end.
+        db_name = database_for(workload, args.quick)
+        url = recreate_database(db_name)
+        point_product_at(url)
+        from domain import migrate
+        from domain.db import make_engine
 
-        runners["P1"] = fanout.run
-        for workload in selected:
-            log(f"== {workload}")
-            measurements.append(runners[workload](engine, quick=args.quick, log=log,
-                                                  sizes=args.sizes, runs=args.runs))
-        info = machine(engine)
-    finally:
-        engine.dispose()
-        if args.quick:
-            drop_database(db_name)
+        migrate.upgrade(url)
+        options = f"-c statement_timeout={QUICK_STATEMENT_TIMEOUT_MS}" if args.quick else ""
+        engine = make_engine(url, connect_args={"connect_timeout": 5, "options": options})
+        try:
+            measurements.append(runner_for(workload)(engine, quick=args.quick, log=log,
+                                                     sizes=args.sizes, runs=args.runs))
+            info = machine(engine)
+        finally:
+            engine.dispose()
+            if args.quick:
+                point_product_at(None)
+                drop_database(db_name)
+        runs_info[workload] = {"seconds": time.perf_counter() - workload_started,
+                               "date": info["date"], "database": db_name}
+        log(f"== {workload} done in {runs_info[workload]['seconds']:.1f} s")
     elapsed = time.perf_counter() - started
     rows = [row.as_json() for m in measurements for row in m.rows]
     custom = args.sizes is not None or args.runs is not None
@@ -87,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {QUICK_RESULTS.relative_to(ROOT)}")
     elif not custom:
         write_json(RESULTS, merge_rows(RESULTS, rows, selected))
-        DOCS.write_text(render_docs(measurements, info, elapsed, argv_command(args)))
+        previous = DOCS.read_text() if DOCS.exists() else ""
+        DOCS.write_text(render_docs(measurements, info, elapsed, argv_command(args),
+                                    runs_info, kept_sections(previous, selected)))
         log(f"wrote {RESULTS.relative_to(ROOT)} and {DOCS.relative_to(ROOT)}")
     for note in (n for m in measurements for n in m.notes):
         log(note)
-    missed = [r["name"] for r in rows if not r["met"]]
+    missed = [r["name"] for r in rows if r["met"] is False]
     log(f"done in {elapsed:.1f} s; {len(rows)} metrics, "
         + (f"{len(missed)} target(s) missed: {'; '.join(missed)}" if missed else "all targets met"))
     return 0
@@ -114,6 +167,20 @@ def merge_rows(path: Path, rows: list[dict[str, Any]], selected: list[str]) -> l
     return sorted(kept + rows, key=lambda r: str(r["name"]).split(" ", 1)[0])
 
 
+def kept_sections(previous: str, selected: list[str]) -> dict[str, list[str]]:
+    """The previous document's sections of workloads not run now (with --only), verbatim."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in previous.splitlines():
+        if line.startswith("## "):
+            workload = line[3:].split(":", 1)[0].strip()
+            current = (sections.setdefault(workload, [])
+                       if workload in WORKLOADS and workload not in selected else None)
+        if current is not None:
+            current.append(line)
+    return sections
+
+
 def argv_command(args: argparse.Namespace) -> str:
     return ".venv/bin/python -m bench.run" + "".join(f" --only {w}" for w in args.only or ())
 
@@ -123,7 +190,8 @@ def _fmt_s(value: float) -> str:
 
 
 def render_docs(measurements: list[Measurement], info: dict[str, Any], elapsed: float,
-                command: str) -> str:
+                command: str, runs_info: dict[str, dict[str, Any]] | None = None,
+                kept: dict[str, list[str]] | None = None) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in info["postgresql_settings"].items())
     lines = [
         "# Benchmarks",
@@ -142,15 +210,29 @@ def render_docs(measurements: list[Measurement], info: dict[str, Any], elapsed: 
         f"- Command: `{command}` ({elapsed:.0f} s in all, set-up included)",
         "",
     ]
-    for m in measurements:
-        if m.workload == "P1":
-            lines += _p1_section(m)
+    if kept:
+        lines += ["Sections of workloads not in this command are kept from an earlier run "
+                  "(each says when it ran).", ""]
+    fresh = {m.workload: m for m in measurements}
+    for workload in WORKLOADS:
+        if workload in fresh:
+            section = _section(fresh[workload])
+            run = (runs_info or {}).get(workload)
+            if run:
+                section[1:1] = ["", f"_Run {run['date']}, {run['seconds']:.0f} s with set-up, "
+                                    f"database `{run['database']}`._"]
+            lines += section
+        elif kept and workload in kept:
+            lines += kept[workload]
+            if kept[workload][-1].strip():
+                lines.append("")
     lines += [
         "## Reproducing",
         "",
         "```",
         "make bench                                   # everything, writes this file",
         ".venv/bin/python -m bench.run --only P1      # one workload (others keep their rows)",
+        ".venv/bin/python -m bench.run --only P3 --only P4   # several",
         ".venv/bin/python -m bench.run --quick        # tiny sizes, bench/results-quick.json",
         "```",
         "",
@@ -163,11 +245,30 @@ def render_docs(measurements: list[Measurement], info: dict[str, Any], elapsed: 
         "",
         "The database server is `DOORSTROOM_BENCH_PG_URL` "
         "(default `postgresql+psycopg://postgres@127.0.0.1:5432/postgres`); the benchmark "
-        f"drops and recreates the database `{BENCH_DB}` there (the quick run uses a "
-        "database of its own and drops it).",
+        f"drops and recreates a database per workload there: `{BENCH_DB}` for P1, "
+        f"`{BENCH_DB}_p3`, `{BENCH_DB}_p4` and `{BENCH_DB}_p5` for the others (the quick "
+        "run uses databases of its own and drops them). P4 also uses the Redis database "
+        "`redis://127.0.0.1:6379/12` as its broker (flushed first; the quick run starts a "
+        "throwaway `redis-server` instead when one is installed).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _section(m: Measurement) -> list[str]:
+    if m.workload == "P1":
+        return _p1_section(m)
+    if m.workload == "P3":
+        from bench import webhooks
+
+        return webhooks.docs_section(m)
+    if m.workload == "P4":
+        from bench import latency
+
+        return latency.docs_section(m)
+    from bench import bundles
+
+    return bundles.docs_section(m)
 
 
 def _p1_section(m: Measurement) -> list[str]:
