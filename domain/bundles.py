@@ -169,6 +169,11 @@ def _write_entries(session: Session, bundle_ids: list[uuid.UUID], now: datetime)
                # A withdrawn update is only listed when it had gone out before.
                sa.or_(u.status != UpdateStatus.withdrawn, sent_before))
     )
+    if session.get_bind().dialect.name == "postgresql":
+        # With bundle_entries empty (a fresh install) the planner scans it for every new row
+        # to answer "was this chain in an earlier bundle?", reading its own inserts too:
+        # quadratic (500 subscriptions: 140 s instead of 4 s). The index is always right here.
+        session.execute(sa.text("SET LOCAL enable_seqscan = off"))
     session.execute(sa.insert(BundleEntry).from_select(
         ["bundle_id", "chain_id", "subscription_id", "update_id", "state", "reasons"], select))
     counts = (sa.select(sa.func.count()).select_from(BundleEntry)
