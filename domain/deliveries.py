@@ -239,7 +239,10 @@ def claim_due_webhooks(session: Session, limit: int = 500, *,
     leaves leases that simply run out. Deliveries to endpoints that do not take the event
     type are marked skipped. With `per_endpoint`, at most that many deliveries of any one
     endpoint are claimed (the oldest due first), so one endpoint's backlog never fills the
-    claim; endpoints in `exclude` (a sender's endpoints already at their limit) are left out."""
+    claim; endpoints in `exclude` (a sender's endpoints already at their limit) are left out.
+
+    This runs many times a second under load, so it reads plain columns (no ORM objects for
+    the deliveries) and leases them in one UPDATE."""
     now = get_settings().now()
     due = [Delivery.status == DeliveryStatus.pending,
            Delivery.channel == ChannelType.webhook,
@@ -247,7 +250,8 @@ def claim_due_webhooks(session: Session, limit: int = 500, *,
            sa.or_(Delivery.leased_until.is_(None), Delivery.leased_until < now)]
     if exclude:
         due.append(Delivery.endpoint_id.not_in(list(exclude)))
-    stmt = (sa.select(Delivery, WebhookEndpoint)
+    stmt = (sa.select(Delivery.id, Delivery.message_id, Delivery.endpoint_id, Delivery.payload,
+                      Delivery.event_type)
             .join(WebhookEndpoint, WebhookEndpoint.id == Delivery.endpoint_id)
             .where(*due, WebhookEndpoint.enabled.is_(True))
             .order_by(Delivery.next_attempt_at).limit(limit))
@@ -260,18 +264,31 @@ def claim_due_webhooks(session: Session, limit: int = 500, *,
             sa.select(ranked.c.id).where(ranked.c.rank <= max(1, per_endpoint))))
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update(of=Delivery, skip_locked=True)
+    rows = session.execute(stmt).all()
+    if not rows:
+        session.commit()
+        return []
+    endpoints = {e.id: e for e in session.scalars(sa.select(WebhookEndpoint).where(
+        WebhookEndpoint.id.in_({row.endpoint_id for row in rows})))}
+    secrets = {e.id: signing_secrets(e, now) for e in endpoints.values()}
     claimed: list[WebhookSend] = []
-    secrets_cache: dict[uuid.UUID, tuple[str, ...]] = {}
-    for delivery, endpoint in session.execute(stmt).all():
-        if endpoint.event_types and delivery.event_type not in endpoint.event_types:
-            delivery.status = DeliveryStatus.skipped
+    skipped: list[uuid.UUID] = []
+    for row in rows:
+        endpoint = endpoints[row.endpoint_id]
+        if endpoint.event_types and row.event_type not in endpoint.event_types:
+            skipped.append(row.id)
             continue
-        if endpoint.id not in secrets_cache:
-            secrets_cache[endpoint.id] = signing_secrets(endpoint, now)
-        delivery.leased_until = now + LEASE
-        claimed.append(WebhookSend(delivery.id, delivery.message_id, endpoint.id, endpoint.url,
-                                   secrets_cache[endpoint.id], delivery.payload or "",
-                                   delivery.event_type))
+        claimed.append(WebhookSend(row.id, row.message_id, endpoint.id, endpoint.url,
+                                   secrets[endpoint.id], row.payload or "", row.event_type))
+    if skipped:
+        session.execute(sa.update(Delivery).where(Delivery.id.in_(skipped))
+                        .values(status=DeliveryStatus.skipped)
+                        .execution_options(synchronize_session=False))
+    if claimed:
+        session.execute(sa.update(Delivery).where(Delivery.id.in_([c.delivery_id
+                                                                   for c in claimed]))
+                        .values(leased_until=now + LEASE)
+                        .execution_options(synchronize_session=False))
     session.commit()
     return claimed
 
@@ -280,7 +297,11 @@ def record_outcomes(session: Session, outcomes: list[Outcome]) -> None:
     """Store every attempt and move each delivery on: succeeded, retry later, or failed.
 
     A 410 disables the endpoint. An endpoint failing without a success for longer than
-    `webhook_disable_after` is disabled and its organisation told. Commits once."""
+    `webhook_disable_after` is disabled and its organisation told. Commits once.
+
+    Senders call this for every few dozen answers, so it works in bulk: one locking SELECT
+    of the columns it needs, one INSERT of the attempts, one executemany UPDATE of the
+    deliveries and one UPDATE of the endpoints that answered."""
     if not outcomes:
         return
     settings = get_settings()
@@ -289,40 +310,59 @@ def record_outcomes(session: Session, outcomes: list[Outcome]) -> None:
     # any that vanished while in flight (their endpoint was deleted): an attempt row for them
     # would break the foreign key and lose the whole batch's outcomes.
     ids = sorted({o.delivery_id for o in outcomes})
-    stmt = (sa.select(Delivery).where(Delivery.id.in_(ids))
-            .order_by(Delivery.id).with_for_update()
-            .execution_options(populate_existing=True))
-    deliveries = {d.id: d for d in session.scalars(stmt)}
-    outcomes = [o for o in outcomes if o.delivery_id in deliveries]
-    session.add_all(DeliveryAttempt(delivery_id=o.delivery_id, at=o.at, latency_ms=o.latency_ms,
-                                    status_code=o.status_code,
-                                    error=(o.error or "")[:1000] or None) for o in outcomes)
+    locked = {row.id: row for row in session.execute(
+        sa.select(Delivery.id, Delivery.status, Delivery.attempt_count, Delivery.created_at,
+                  Delivery.endpoint_id)
+        .where(Delivery.id.in_(ids)).order_by(Delivery.id).with_for_update())}
+    outcomes = [o for o in outcomes if o.delivery_id in locked]
+    if not outcomes:
+        session.commit()
+        return
+    session.execute(sa.insert(DeliveryAttempt), [
+        {"delivery_id": o.delivery_id, "at": o.at, "latency_ms": o.latency_ms,
+         "status_code": o.status_code, "error": (o.error or "")[:1000] or None}
+        for o in outcomes])
+    attempts = {row_id: row.attempt_count for row_id, row in locked.items()}
+    moved: list[dict[str, Any]] = []
     endpoint_results: dict[uuid.UUID, list[Outcome]] = {}
     for outcome in outcomes:
-        delivery = deliveries[outcome.delivery_id]
-        delivery.attempt_count += 1
-        if delivery.status is not DeliveryStatus.pending:
+        row = locked[outcome.delivery_id]
+        attempts[row.id] += 1
+        if row.endpoint_id is not None:
+            endpoint_results.setdefault(row.endpoint_id, []).append(outcome)
+        if row.status is not DeliveryStatus.pending:
             continue  # finished meanwhile by a sender whose lease came later: keep its result
-        delivery.last_attempt_at = outcome.at
-        delivery.last_status_code = outcome.status_code
-        delivery.last_error = (outcome.error or "")[:1000] or None
-        delivery.leased_until = None
+        change: dict[str, Any] = {
+            "id": row.id, "status": DeliveryStatus.pending, "last_attempt_at": outcome.at,
+            "last_status_code": outcome.status_code,
+            "last_error": (outcome.error or "")[:1000] or None, "leased_until": None,
+            "succeeded_at": None, "next_attempt_at": None}
         if outcome.succeeded:
-            delivery.status = DeliveryStatus.succeeded
-            delivery.succeeded_at = outcome.at
-            delivery.next_attempt_at = None
+            change.update(status=DeliveryStatus.succeeded, succeeded_at=outcome.at)
         elif outcome.retryable:
-            delivery.next_attempt_at = next_retry_at(delivery.attempt_count, delivery.created_at,
-                                                     now, outcome.retry_after)
-            if delivery.next_attempt_at is None:
-                delivery.status = DeliveryStatus.failed
+            change["next_attempt_at"] = next_retry_at(attempts[row.id], row.created_at, now,
+                                                      outcome.retry_after)
+            if change["next_attempt_at"] is None:
+                change["status"] = DeliveryStatus.failed
         else:
-            delivery.status = DeliveryStatus.failed
-            delivery.next_attempt_at = None
-        if delivery.endpoint_id is not None:
-            endpoint_results.setdefault(delivery.endpoint_id, []).append(outcome)
+            change["status"] = DeliveryStatus.failed
+        moved.append(change)
+    for change in moved:
+        change["attempt_count"] = attempts.pop(change["id"])
+    if moved:
+        session.execute(sa.update(Delivery), moved)  # executemany, by primary key
+    if attempts:  # deliveries finished by another sender: only their attempt count moves
+        session.execute(sa.update(Delivery), [{"id": i, "attempt_count": n}
+                                              for i, n in attempts.items()])
+    answered = sorted(e for e, results in endpoint_results.items()
+                      if any(r.succeeded for r in results)
+                      and not any(r.status_code == 410 for r in results))
+    if answered:
+        session.execute(sa.update(WebhookEndpoint).where(WebhookEndpoint.id.in_(answered))
+                        .values(failing_since=None, last_success_at=now)
+                        .execution_options(synchronize_session=False))
     # In a fixed order: two senders updating the same endpoints must not deadlock.
-    for endpoint_id in sorted(endpoint_results):
+    for endpoint_id in sorted(set(endpoint_results) - set(answered)):
         _update_endpoint_health(session, endpoint_id, endpoint_results[endpoint_id], now)
     session.commit()
 

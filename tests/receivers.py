@@ -1,4 +1,4 @@
-"""A real local webhook receiver for tests, and a transport that only reaches loopback.
+"""A real local webhook receiver for tests, and connections that only reach loopback.
 
 `Receiver` is an HTTP/1.1 server (`http.server.ThreadingHTTPServer`) on 127.0.0.1 and a free
 port, in a thread. Each path has a behaviour (`Behaviour`: status, headers, delay,
@@ -10,9 +10,9 @@ recorded) and its body PARSED as a structured CloudEvent with the CloudEvents SD
         rx.route("/flaky", Behaviour(status=500))
         url = rx.url("/flaky")
 
-`LoopbackOnlyTransport` wraps an httpx transport and refuses (before any connection) every
-request whose URL host is not an IP literal in 127.0.0.0/8, recording what it saw: pass it
-to the sender to prove that no packet goes anywhere else.
+`LoopbackOnly` makes connectors that refuse (before any connection) every request whose URL
+host is not an IP literal in 127.0.0.0/8, recording what they saw: pass it to the sender
+(`connector=`) to prove that no packet goes anywhere else.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
+import aiohttp
 from cloudevents.core.bindings.http import HTTPMessage, from_structured
 from cloudevents.core.formats.json import JSONFormat
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -289,34 +289,43 @@ def make_tls(*names: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
-# ----------------------------------------------------------------------------- transport
+# ----------------------------------------------------------------------------- connections
 
 
-class Refused(httpx.ConnectError):
-    """The loopback-only transport would not connect there."""
+class Refused(aiohttp.ClientConnectionError):
+    """The loopback-only connector would not connect there."""
 
 
-class LoopbackOnlyTransport(httpx.AsyncBaseTransport):
-    """Delegates to a real transport only for URL hosts that are IP literals in 127.0.0.0/8;
-    refuses everything else before any socket is opened. Records every request it saw.
-    For tests only: production never uses it."""
+class LoopbackOnly:
+    """A connector factory for the webhook sender (`connector=`) whose connectors open
+    connections only to URL hosts that are IP literals in 127.0.0.0/8 and refuse everything
+    else before any socket is opened. Records every request it saw (aiohttp's
+    `ClientRequest`: `.url`, `.headers`). For tests only: production never uses it."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport | None = None) -> None:
-        self.inner = inner or httpx.AsyncHTTPTransport(retries=0)
-        self.seen: list[httpx.Request] = []
-        self.refused: list[httpx.Request] = []
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context
+        self.seen: list[aiohttp.ClientRequest] = []
+        self.refused: list[aiohttp.ClientRequest] = []
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.seen.append(request)
-        host = request.url.host
+    def __call__(self, limit: int) -> aiohttp.BaseConnector:
+        return _LoopbackOnlyConnector(self, limit=limit,
+                                      ssl=self.ssl_context if self.ssl_context else True)
+
+
+class _LoopbackOnlyConnector(aiohttp.TCPConnector):
+    def __init__(self, guard: LoopbackOnly, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._guard = guard
+
+    async def connect(self, req: aiohttp.ClientRequest, traces: Any,
+                      timeout: aiohttp.ClientTimeout) -> Any:
+        self._guard.seen.append(req)
+        host = req.url.host or ""
         try:
             loopback = ipaddress.ip_address(host) in ipaddress.ip_network("127.0.0.0/8")
         except ValueError:
             loopback = False
         if not loopback:
-            self.refused.append(request)
-            raise Refused(f"LoopbackOnlyTransport refused {host}", request=request)
-        return await self.inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+            self._guard.refused.append(req)
+            raise Refused(f"LoopbackOnly refused {host}")
+        return await super().connect(req, traces, timeout)

@@ -27,15 +27,18 @@ import email.utils
 import functools
 import ipaddress
 import logging
+import ssl
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import httpx
+import aiohttp
+import certifi
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
@@ -82,43 +85,55 @@ T = TypeVar("T")
 # ----------------------------------------------------------------------------- the client
 
 
-class ServerNamePools(httpx.AsyncBaseTransport):
-    """One connection pool per TLS server name.
+#: Makes the connection pool of one (endpoint, server name), given its connection limit.
+#: Tests pass one that refuses every address outside 127.0.0.0/8 (tests/receivers.py).
+Connector = Callable[[int], aiohttp.BaseConnector]
 
-    httpcore pools connections by (scheme, host, port); our URLs carry IP literals, so two
-    host names on one IP (a shared host, a CDN) would share a TLS connection whose
-    certificate was only verified for the first name. Keeping a pool per server name
-    prevents that; plain-HTTP requests share one pool."""
 
-    def __init__(self, make_pool: Callable[[], httpx.AsyncBaseTransport]) -> None:
-        self._make_pool = make_pool
-        self._pools: dict[str, httpx.AsyncBaseTransport] = {}
+@functools.cache
+def ssl_context() -> ssl.SSLContext:
+    """One verifying TLS context per process: making one loads the CA bundle (~50 ms), far
+    too slow to do per batch."""
+    return ssl.create_default_context(cafile=certifi.where())
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        name = str(request.extensions.get("sni_hostname") or "")
-        pool = self._pools.get(name)
-        if pool is None:
-            pool = self._pools[name] = self._make_pool()
-        return await pool.handle_async_request(request)
+
+def default_connector(limit: int) -> aiohttp.BaseConnector:
+    # The URLs carry IP literals, so the connector never resolves a name itself.
+    return aiohttp.TCPConnector(limit=limit, limit_per_host=0, ssl=ssl_context(),
+                                use_dns_cache=False, keepalive_timeout=30.0)
+
+
+class EndpointSessions:
+    """One HTTP client session, with its own small connection pool, per (endpoint, TLS
+    server name).
+
+    Per endpoint, because an endpoint never has more than `webhook_per_endpoint_concurrency`
+    requests in flight: its pool needs no more connections than that, and one endpoint's
+    connections never queue behind another's. Per server name, because our URLs carry IP
+    literals: two host names on one IP (a shared host, a CDN) must not share a TLS
+    connection whose certificate was only verified for the first name."""
+
+    def __init__(self, per_endpoint: int, connector: Connector | None = None) -> None:
+        self._per_endpoint = max(1, per_endpoint)
+        self._connector = connector or default_connector
+        self._sessions: dict[tuple[uuid.UUID, str | None], aiohttp.ClientSession] = {}
+
+    def get(self, endpoint_id: uuid.UUID, server_name: str | None) -> aiohttp.ClientSession:
+        key = (endpoint_id, server_name)
+        session = self._sessions.get(key)
+        if session is None:
+            session = self._sessions[key] = aiohttp.ClientSession(
+                connector=self._connector(self._per_endpoint),
+                # Each attempt is bounded as a whole by `asyncio.timeout` in `_attempt`.
+                timeout=aiohttp.ClientTimeout(total=None),
+                auto_decompress=False, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent",))
+        return session
 
     async def aclose(self) -> None:
-        pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
-            await pool.aclose()
-
-
-def make_client(timeout: float, *, transport: httpx.AsyncBaseTransport | None = None,
-                pool_size: int = MAX_IN_FLIGHT) -> httpx.AsyncClient:
-    """One HTTP/1.1 keep-alive client for a whole batch. `transport` replaces the network
-    (tests pass one that refuses everything but loopback)."""
-    limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size,
-                          keepalive_expiry=30.0)
-    if transport is None:
-        transport = ServerNamePools(lambda: httpx.AsyncHTTPTransport(
-            limits=limits, http1=True, http2=False, retries=0, trust_env=False))
-    return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(timeout),
-                             follow_redirects=False, trust_env=False,
-                             headers={"user-agent": USER_AGENT})
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
 
 
 # ----------------------------------------------------------------------------- one request
@@ -154,8 +169,16 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
-def build_request(client: httpx.AsyncClient, item: WebhookSend, target: Target,
-                  signature: str, timestamp: int) -> httpx.Request:
+@dataclass(frozen=True)
+class OutgoingRequest:
+    url: str  # with the checked IP literal as its host
+    headers: dict[str, str]
+    body: bytes
+    server_name: str | None  # the TLS server name (SNI, and the certificate's name)
+
+
+def build_request(item: WebhookSend, target: Target, signature: str,
+                  timestamp: int) -> OutgoingRequest:
     """A POST to the checked IP, speaking to the original host (Host header, TLS name)."""
     ip = f"[{target.ip}]" if ":" in target.ip else target.ip
     default_port = 443 if target.scheme == "https" else 80
@@ -169,12 +192,10 @@ def build_request(client: httpx.AsyncClient, item: WebhookSend, target: Target,
         "webhook-timestamp": str(timestamp),
         "webhook-signature": signature,
     }
-    extensions: dict[str, Any] = {}
-    if target.scheme == "https" and not _is_ip_literal(target.host):
-        extensions["sni_hostname"] = target.host  # the certificate is checked for this name
-    return client.build_request("POST", f"{target.scheme}://{ip}:{target.port}{target.path}",
-                                headers=headers, content=item.payload.encode("utf-8"),
-                                extensions=extensions)
+    server_name = (target.host if target.scheme == "https" and not _is_ip_literal(target.host)
+                   else None)
+    return OutgoingRequest(f"{target.scheme}://{ip}:{target.port}{target.path}", headers,
+                           item.payload.encode("utf-8"), server_name)
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -195,29 +216,49 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-async def _read_some(response: httpx.Response) -> bytes:
+async def _read_some(response: aiohttp.ClientResponse) -> bytes:
+    """Up to MAX_RESPONSE_BYTES of the body. A body left unread closes its connection when
+    the response is released (aiohttp only pools connections whose answer was read)."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_raw():
+    while size < MAX_RESPONSE_BYTES:
+        chunk = await response.content.read(MAX_RESPONSE_BYTES - size)
+        if not chunk:
+            break
         chunks.append(chunk)
         size += len(chunk)
-        if size >= MAX_RESPONSE_BYTES:
-            break
-    return b"".join(chunks)[:MAX_RESPONSE_BYTES]
+    return b"".join(chunks)
 
 
-def _describe(response: httpx.Response, body: bytes) -> str | None:
-    status = response.status_code
+def _describe(status: int, reason: str | None, location: str | None,
+              body: bytes) -> str | None:
     if 200 <= status < 300:
         return None
-    text = f"HTTP {status} {response.reason_phrase}".rstrip()
+    text = f"HTTP {status} {reason or ''}".rstrip()
     if 300 <= status < 400:
-        text += f": redirect to {response.headers.get('location', '?')} not followed"
+        text += f": redirect to {location or '?'} not followed"
     excerpt = " ".join(body.decode("utf-8", "replace").split())[:ERROR_BODY_CHARS]
     return f"{text}: {excerpt}" if excerpt else text
 
 
-async def _attempt(client: httpx.AsyncClient, item: WebhookSend, signers: _Signers,
+def network_error(exc: BaseException) -> str:
+    """An attempt's error text for a failure below HTTP: a stable kind, then the detail.
+    Kinds: `ConnectError` (no connection: refused, unreachable, TLS handshake or
+    certificate), `ConnectionClosed` (the receiver hung up before answering), `ReadError`
+    (the answer broke off); anything else by its exception's name."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        kind = "ConnectError"
+    elif isinstance(exc, aiohttp.ServerDisconnectedError):
+        kind = "ConnectionClosed"
+    elif isinstance(exc, aiohttp.ClientPayloadError):
+        kind = "ReadError"
+    else:
+        kind = type(exc).__name__
+    detail = str(exc) or "the connection ended without an answer"
+    return f"{kind}: {detail}"
+
+
+async def _attempt(sessions: EndpointSessions, item: WebhookSend, signers: _Signers,
                    lookups: concurrent.futures.Executor, *, resolver: Resolver,
                    allow_loopback: bool, require_https: bool, timeout: float) -> Outcome:
     at = get_settings().now()
@@ -251,29 +292,28 @@ async def _attempt(client: httpx.AsyncClient, item: WebhookSend, signers: _Signe
             signed_at = datetime.now(UTC).replace(microsecond=0)  # receivers' clocks: real time
             signature = signers.signature(item.secrets, item.message_id, signed_at,
                                           item.payload)
-            request = build_request(client, item, target, signature,
-                                    int(signed_at.timestamp()))
+            request = build_request(item, target, signature, int(signed_at.timestamp()))
+            session = sessions.get(item.endpoint_id, request.server_name)
             started = time.perf_counter()
-            response = await client.send(request, stream=True, follow_redirects=False)
-            try:
+            async with session.post(request.url, data=request.body, headers=request.headers,
+                                    allow_redirects=False,
+                                    server_hostname=request.server_name) as response:
                 body = await _read_some(response)
-            finally:
-                await response.aclose()
     except TimeoutError:
         return Outcome(item.delivery_id, at, latency(),
                        error=f"timeout: no complete answer within {timeout:g} s")
-    except (httpx.HTTPError, OSError) as exc:
-        detail = str(exc) or "the connection ended without an answer"
-        return Outcome(item.delivery_id, at, latency(), error=f"{type(exc).__name__}: {detail}")
+    except (aiohttp.ClientError, OSError) as exc:
+        return Outcome(item.delivery_id, at, latency(), error=network_error(exc))
     except Exception as exc:  # noqa: BLE001 - one broken item must not sink the batch
         log.exception("webhook delivery %s: unexpected error", item.delivery_id)
         return Outcome(item.delivery_id, at, latency(),
                        error=f"internal: {type(exc).__name__}: {exc}")
-    status = response.status_code
+    status = response.status
     retry_after = (parse_retry_after(response.headers.get("retry-after"))
                    if status in (429, 503) else None)
     return Outcome(item.delivery_id, at, latency(), status_code=status,
-                   error=_describe(response, body), retry_after=retry_after)
+                   error=_describe(status, response.reason, response.headers.get("location"),
+                                   body), retry_after=retry_after)
 
 
 # ----------------------------------------------------------------------------- a batch
@@ -281,11 +321,10 @@ async def _attempt(client: httpx.AsyncClient, item: WebhookSend, signers: _Signe
 
 async def send_batch(batch: list[WebhookSend], *, resolver: Resolver = system_resolver,
                      allow_loopback: bool, require_https: bool, timeout: float,
-                     per_endpoint: int, client: httpx.AsyncClient | None = None,
-                     transport: httpx.AsyncBaseTransport | None = None,
+                     per_endpoint: int, connector: Connector | None = None,
                      max_in_flight: int = MAX_IN_FLIGHT,
                      budget: float | None = None) -> list[Outcome]:
-    """Send every item concurrently over one client and answer one Outcome per item sent.
+    """Send every item concurrently and answer one Outcome per item sent.
 
     Each endpoint gets at most `per_endpoint` requests at once, so a slow endpoint only slows
     itself; each attempt (address check included) is bounded by `timeout` seconds in total.
@@ -293,8 +332,7 @@ async def send_batch(batch: list[WebhookSend], *, resolver: Resolver = system_re
     Outcome (the caller gives their leases back)."""
     if not batch:
         return []
-    own_client = client is None
-    http = client or make_client(timeout, transport=transport, pool_size=max_in_flight)
+    sessions = EndpointSessions(per_endpoint, connector)
     gates: defaultdict[uuid.UUID, asyncio.Semaphore] = defaultdict(
         lambda: asyncio.Semaphore(max(1, per_endpoint)))
     overall = asyncio.Semaphore(max(1, max_in_flight))
@@ -309,7 +347,7 @@ async def send_batch(batch: list[WebhookSend], *, resolver: Resolver = system_re
         async with gates[item.endpoint_id], overall:
             if deadline is not None and time.monotonic() > deadline:
                 return None
-            return await _attempt(http, item, signers, lookups, resolver=resolver,
+            return await _attempt(sessions, item, signers, lookups, resolver=resolver,
                                   allow_loopback=allow_loopback, require_https=require_https,
                                   timeout=timeout)
 
@@ -317,8 +355,7 @@ async def send_batch(batch: list[WebhookSend], *, resolver: Resolver = system_re
         results = await asyncio.gather(*(one(item) for item in batch))
     finally:
         lookups.shutdown(wait=False, cancel_futures=True)
-        if own_client:
-            await http.aclose()
+        await sessions.aclose()
     return [r for r in results if r is not None]
 
 
@@ -356,7 +393,7 @@ def _record(session_factory: SessionFactory, outcomes: list[Outcome],
 
 async def stream_due(limit: int = 500, *, session_factory: SessionFactory = session_scope,
                      resolver: Resolver = system_resolver,
-                     transport: httpx.AsyncBaseTransport | None = None,
+                     connector: Connector | None = None,
                      max_in_flight: int = MAX_IN_FLIGHT,
                      max_seconds: float | None = None) -> int:
     """The streaming sender (see the module's description); answers the attempts made.
@@ -373,7 +410,7 @@ async def stream_due(limit: int = 500, *, session_factory: SessionFactory = sess
     capacity = max(1, max_in_flight)
     start_budget = max(1.0, deliveries.LEASE.total_seconds() - timeout - LEASE_MARGIN_SECONDS)
     run_until = time.monotonic() + (MAX_RUN_SECONDS if max_seconds is None else max_seconds)
-    http = make_client(timeout, transport=transport, pool_size=capacity)
+    sessions = EndpointSessions(per_endpoint, connector)
     signers = _Signers()
     lookups = concurrent.futures.ThreadPoolExecutor(max_workers=32,
                                                     thread_name_prefix="webhook-dns")
@@ -392,7 +429,7 @@ async def stream_due(limit: int = 500, *, session_factory: SessionFactory = sess
         async with gates[item.endpoint_id]:
             if time.monotonic() > start_by:
                 return None
-            return await _attempt(http, item, signers, lookups, **options)
+            return await _attempt(sessions, item, signers, lookups, **options)
 
     async def flush() -> None:
         nonlocal finished, unsent, oldest_unrecorded, sent, succeeded, given_back
@@ -460,7 +497,7 @@ async def stream_due(limit: int = 500, *, session_factory: SessionFactory = sess
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         lookups.shutdown(wait=False, cancel_futures=True)
-        await http.aclose()
+        await sessions.aclose()
     if sent or given_back:
         log.info("webhooks: %d sent (%d succeeded), %d given back", sent, succeeded,
                  given_back)
@@ -468,14 +505,13 @@ async def stream_due(limit: int = 500, *, session_factory: SessionFactory = sess
 
 
 def send_due(limit: int = 500, *, session_factory: SessionFactory = session_scope,
-             resolver: Resolver = system_resolver,
-             transport: httpx.AsyncBaseTransport | None = None,
+             resolver: Resolver = system_resolver, connector: Connector | None = None,
              max_seconds: float | None = None) -> int:
     """Send every due webhook delivery with the streaming sender (`stream_due`) until nothing
     is due and nothing is in flight (bounded by `max_seconds`, default `MAX_RUN_SECONDS`).
     Answers the number of attempts made."""
     return _run(stream_due(limit, session_factory=session_factory, resolver=resolver,
-                           transport=transport, max_seconds=max_seconds))
+                           connector=connector, max_seconds=max_seconds))
 
 
 @celery_app.task(name=deliveries.SEND_TASK, autoretry_for=(OperationalError,),
@@ -507,7 +543,7 @@ def _ping_item(session: Session, endpoint_id: uuid.UUID) -> WebhookSend:
 
 def send_ping(endpoint_id: uuid.UUID, *, session: Session | None = None,
               resolver: Resolver = system_resolver,
-              transport: httpx.AsyncBaseTransport | None = None) -> Outcome:
+              connector: Connector | None = None) -> Outcome:
     """Send one signed `be.doorstroom.endpoint.ping` event to the endpoint now (enabled or
     not) and answer what came back. Nothing is stored. Pass `session` to read the endpoint
     in the caller's transaction (the API's); without it a session of its own is opened."""
@@ -520,5 +556,5 @@ def send_ping(endpoint_id: uuid.UUID, *, session: Session | None = None,
     outcomes = _run(send_batch(
         [item], resolver=resolver, allow_loopback=settings.webhook_allow_loopback,
         require_https=require_https_for(settings), timeout=settings.webhook_timeout_seconds,
-        per_endpoint=1, transport=transport))
+        per_endpoint=1, connector=connector))
     return outcomes[0]
