@@ -105,6 +105,16 @@ def resolve_target(url: str, *, allow_loopback: bool, require_https: bool,
     return Target(scheme, host, port, str(addresses[0]), path)
 
 
+def names_an_address(url: str) -> bool:
+    """Whether the URL's host is an IP address (in any spelling): checking it then needs
+    no DNS lookup, so a sender can do it inline instead of in a thread."""
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return False
+    return host is not None and _literal_ip(host) is not None
+
+
 def _literal_ip(host: str) -> IPAddress | None:
     """An address written as the host, in any spelling the C library would accept:
     dotted, decimal (2130706433), hex (0x7f000001), octal, shortened (127.1), IPv6."""

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import sqlalchemy as sa
 
-from domain import deliveries, events, outbox
+from domain import deliveries, events, outbox, ssrf
 from domain.deliveries import Outcome, WebhookSend
 from domain.errors import NotFound
 from domain.models import (
@@ -472,6 +472,16 @@ def test_internal_targets_are_refused_at_send_time_without_a_packet(
     assert outcome.status_code is None and outcome.permanent and not outcome.retryable
     assert loopback.seen == [] and receiver.requests == []
     assert resolver.calls == list(dns)  # names were resolved through the injected resolver
+
+
+@pytest.mark.parametrize(("url", "literal"), [
+    ("http://127.0.0.1:8080/x", True), ("http://2130706433/x", True),
+    ("http://0x7f000001/x", True), ("http://127.1/x", True), ("https://[::1]/x", True),
+    ("http://[::ffff:127.0.0.1]/x", True), ("https://hooks.example/x", False),
+    ("https://127.0.0.1.nip.io/x", False), ("not a url", False),
+])
+def test_only_urls_naming_an_address_skip_the_dns_thread(url, literal):
+    assert ssrf.names_an_address(url) is literal
 
 
 @pytest.mark.parametrize("url", ["http://10.0.0.1/hook", "http://169.254.169.254/",

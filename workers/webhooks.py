@@ -49,7 +49,14 @@ from domain.deliveries import Outcome, WebhookSend
 from domain.errors import InvalidInput, NotFound
 from domain.models import WebhookEndpoint
 from domain.settings import Settings, get_settings
-from domain.ssrf import Resolver, Target, UnsafeTarget, resolve_target, system_resolver
+from domain.ssrf import (
+    Resolver,
+    Target,
+    UnsafeTarget,
+    names_an_address,
+    resolve_target,
+    system_resolver,
+)
 from workers.celery_app import celery_app
 
 log = logging.getLogger("doorstroom.webhooks")
@@ -277,10 +284,14 @@ async def _attempt(sessions: EndpointSessions, item: WebhookSend, signers: _Sign
     try:
         async with asyncio.timeout(timeout):
             try:
-                target = await asyncio.get_running_loop().run_in_executor(
-                    lookups, functools.partial(
-                        resolve_target, item.url, allow_loopback=allow_loopback,
-                        require_https=require_https, resolver=tracking_resolver))
+                check = functools.partial(resolve_target, item.url,
+                                          allow_loopback=allow_loopback,
+                                          require_https=require_https,
+                                          resolver=tracking_resolver)
+                if names_an_address(item.url):
+                    target = check()  # no DNS lookup: no need for a thread
+                else:
+                    target = await asyncio.get_running_loop().run_in_executor(lookups, check)
             except UnsafeTarget as exc:
                 return Outcome(item.delivery_id, at, None, error=REFUSED + exc.detail,
                                permanent=True)
