@@ -230,6 +230,31 @@ def signing_secrets(endpoint: WebhookEndpoint, now: datetime) -> tuple[str, ...]
     return tuple(keys)
 
 
+def _claim_per_endpoint(due: list[sa.ColumnElement[bool]], columns: tuple[Any, ...],
+                        limit: int, per_endpoint: int,
+                        exclude: Collection[uuid.UUID]) -> sa.Select[Any]:
+    """PostgreSQL: for each enabled endpoint, its oldest `per_endpoint` due deliveries (an
+    index probe each, `ix_deliveries_endpoint_due`), locked with SKIP LOCKED, `limit` in all.
+    Endpoints that succeeded longest ago (or never) come first, so that when more is due
+    than one claim takes, every endpoint gets its turn. The cost follows the endpoints and
+    the claim, not the backlog: ranking every pending delivery instead grew with it."""
+    endpoint = WebhookEndpoint.__table__.alias("endpoint")
+    picked = (sa.select(*columns)
+              .where(*due, Delivery.endpoint_id == endpoint.c.id)
+              .order_by(Delivery.next_attempt_at, Delivery.id)
+              .limit(max(1, per_endpoint))
+              .with_for_update(skip_locked=True)
+              .lateral("picked"))
+    endpoints = [endpoint.c.enabled.is_(True)]
+    if exclude:
+        endpoints.append(endpoint.c.id.not_in(list(exclude)))
+    return (sa.select(*(picked.c[c.key] for c in columns))
+            .select_from(endpoint.join(picked, sa.true()))
+            .where(*endpoints)
+            .order_by(endpoint.c.last_success_at.asc().nulls_first(), endpoint.c.id)
+            .limit(limit))
+
+
 def claim_due_webhooks(session: Session, limit: int = 500, *,
                        per_endpoint: int | None = None,
                        exclude: Collection[uuid.UUID] = ()) -> list[WebhookSend]:
@@ -248,22 +273,27 @@ def claim_due_webhooks(session: Session, limit: int = 500, *,
            Delivery.channel == ChannelType.webhook,
            Delivery.next_attempt_at <= now,
            sa.or_(Delivery.leased_until.is_(None), Delivery.leased_until < now)]
-    if exclude:
-        due.append(Delivery.endpoint_id.not_in(list(exclude)))
-    stmt = (sa.select(Delivery.id, Delivery.message_id, Delivery.endpoint_id, Delivery.payload,
-                      Delivery.event_type)
-            .join(WebhookEndpoint, WebhookEndpoint.id == Delivery.endpoint_id)
-            .where(*due, WebhookEndpoint.enabled.is_(True))
-            .order_by(Delivery.next_attempt_at).limit(limit))
-    if per_endpoint is not None:
-        ranked = (sa.select(Delivery.id, sa.func.row_number().over(
-                      partition_by=Delivery.endpoint_id,
-                      order_by=(Delivery.next_attempt_at, Delivery.id)).label("rank"))
-                  .where(*due).subquery())
-        stmt = stmt.where(Delivery.id.in_(
-            sa.select(ranked.c.id).where(ranked.c.rank <= max(1, per_endpoint))))
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(of=Delivery, skip_locked=True)
+    columns = (Delivery.id, Delivery.message_id, Delivery.endpoint_id, Delivery.payload,
+               Delivery.event_type)
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if postgres and per_endpoint is not None:
+        stmt = _claim_per_endpoint(due, columns, limit, per_endpoint, exclude)
+    else:
+        if exclude:
+            due.append(Delivery.endpoint_id.not_in(list(exclude)))
+        stmt = (sa.select(*columns)
+                .join(WebhookEndpoint, WebhookEndpoint.id == Delivery.endpoint_id)
+                .where(*due, WebhookEndpoint.enabled.is_(True))
+                .order_by(Delivery.next_attempt_at).limit(limit))
+        if per_endpoint is not None:
+            ranked = (sa.select(Delivery.id, sa.func.row_number().over(
+                          partition_by=Delivery.endpoint_id,
+                          order_by=(Delivery.next_attempt_at, Delivery.id)).label("rank"))
+                      .where(*due).subquery())
+            stmt = stmt.where(Delivery.id.in_(
+                sa.select(ranked.c.id).where(ranked.c.rank <= max(1, per_endpoint))))
+        if postgres:
+            stmt = stmt.with_for_update(of=Delivery, skip_locked=True)
     rows = session.execute(stmt).all()
     if not rows:
         session.commit()

@@ -439,6 +439,10 @@ class Delivery(Base):
         sa.Index("ix_deliveries_due", "next_attempt_at",
                  postgresql_where=sa.text("status = 'pending'"),
                  sqlite_where=sa.text("status = 'pending'")),
+        # The sender's claim: the oldest due few of each endpoint (domain.deliveries).
+        sa.Index("ix_deliveries_endpoint_due", "endpoint_id", "next_attempt_at", "id",
+                 postgresql_where=sa.text("status = 'pending'"),
+                 sqlite_where=sa.text("status = 'pending'")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=new_id)
