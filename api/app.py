@@ -161,6 +161,28 @@ class RefuseNulInUrl:
         await self.app(scope, receive, send)
 
 
+class ObserveLatency:
+    """Record each request's latency in the histogram, by method and route template.
+
+    A plain ASGI middleware: starlette's BaseHTTPMiddleware (`@app.middleware("http")`)
+    costs a task group and memory streams per request, a measurable share of a publish."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            route = scope.get("route")  # set by the router on this same scope
+            REQUEST_LATENCY.labels(scope["method"], getattr(route, "path", "unmatched")
+                                   ).observe(time.perf_counter() - started)
+
+
 #: Paths whose last segment is a credential (a feed token, an e-mail link token).
 _CAPABILITY_PATH = re.compile(r"(/v1/(?:feeds|email/confirm|email/unsubscribe)/)[^/\s?\"]+")
 
@@ -192,16 +214,7 @@ def create_app() -> FastAPI:
     app.include_router(__import__("api.routes.email", fromlist=["router"]).router)
     app.include_router(__import__("api.routes.audit", fromlist=["router"]).router)
 
-    @app.middleware("http")
-    async def observe_latency(request, call_next):  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        REQUEST_LATENCY.labels(request.method, getattr(route, "path", "unmatched")).observe(
-            time.perf_counter() - started
-        )
-        return response
-
+    app.add_middleware(ObserveLatency)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestDeadline, seconds=settings.request_timeout_seconds)
     app.add_middleware(RefuseNulInUrl)

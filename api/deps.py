@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from domain import keys
 from domain.audit import Actor
@@ -14,12 +15,19 @@ from domain.db import get_sessionmaker
 from domain.errors import Forbidden, Unauthenticated
 
 
-def get_session() -> Iterator[Session]:
+async def get_session() -> AsyncIterator[Session]:
+    """The request's session. Made and, when no transaction is open, closed on the event
+    loop (neither touches the database then); a sync dependency would cost two trips
+    through the thread pool per request. Closing with a transaction open rolls back, so
+    that goes to the thread pool."""
     session = get_sessionmaker()()
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -59,6 +67,17 @@ def require(*scopes: str) -> Callable[[Actor], Actor]:
     return check
 
 
-AdminDep = Annotated[Actor, Depends(require("admin"))]
-PublisherDep = Annotated[Actor, Depends(require("publish"))]
-SubscriberDep = Annotated[Actor, Depends(require("subscribe"))]
+def requiring(*scopes: str) -> Callable[[Actor], Coroutine[Any, Any, Actor]]:
+    """`require` as a dependency. Async, since the check does no I/O: a sync dependency
+    would cost a trip through the thread pool per request."""
+    check = require(*scopes)
+
+    async def dependency(actor: CallerDep) -> Actor:
+        return check(actor)
+
+    return dependency
+
+
+AdminDep = Annotated[Actor, Depends(requiring("admin"))]
+PublisherDep = Annotated[Actor, Depends(requiring("publish"))]
+SubscriberDep = Annotated[Actor, Depends(requiring("subscribe"))]

@@ -33,7 +33,7 @@ from bench.common import (
 RESULTS = ROOT / "bench" / "results.json"
 QUICK_RESULTS = ROOT / "bench" / "results-quick.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
-WORKLOADS = ("P1", "P3", "P4", "P5")
+WORKLOADS = ("P1", "P2", "P3", "P4", "P5")
 #: Quick mode must stay bounded: no statement may run longer than this.
 QUICK_STATEMENT_TIMEOUT_MS = 60_000
 
@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"run only this workload (repeatable): {', '.join(WORKLOADS)}")
     parser.add_argument("--sizes", type=lambda s: tuple(int(x) for x in s.split(",")),
                         help="sizes to run instead of the defaults: P1 subscriptions, e.g. "
-                             "100000,1000000; P3 deliveries (the first); P5 subscriptions "
+                             "100000,1000000; P2 concurrent clients (the first); P3 "
+                             "deliveries (the first); P5 subscriptions "
                              "(the first) (writes nothing but the log)")
     parser.add_argument("--runs", type=int, help="runs per side instead of the defaults")
     args = parser.parse_args(argv)
@@ -80,6 +81,10 @@ def runner_for(workload: str) -> Callable[..., Measurement]:
         from bench import fanout
 
         return fanout.run
+    if workload == "P2":
+        from bench import publish
+
+        return publish.run
     if workload == "P3":
         from bench import webhooks
 
@@ -246,7 +251,8 @@ def render_docs(measurements: list[Measurement], info: dict[str, Any], elapsed: 
         "The database server is `DOORSTROOM_BENCH_PG_URL` "
         "(default `postgresql+psycopg://postgres@127.0.0.1:5432/postgres`); the benchmark "
         f"drops and recreates a database per workload there: `{BENCH_DB}` for P1, "
-        f"`{BENCH_DB}_p3`, `{BENCH_DB}_p4` and `{BENCH_DB}_p5` for the others (the quick "
+        f"`{BENCH_DB}_p2`, `{BENCH_DB}_p3`, `{BENCH_DB}_p4` and `{BENCH_DB}_p5` for the "
+        "others (the quick "
         "run uses databases of its own and drops them). P4 also uses the Redis database "
         "`redis://127.0.0.1:6379/12` as its broker (flushed first; the quick run starts a "
         "throwaway `redis-server` instead when one is installed).",
@@ -258,6 +264,10 @@ def render_docs(measurements: list[Measurement], info: dict[str, Any], elapsed: 
 def _section(m: Measurement) -> list[str]:
     if m.workload == "P1":
         return _p1_section(m)
+    if m.workload == "P2":
+        from bench import publish
+
+        return publish.docs_section(m)
     if m.workload == "P3":
         from bench import webhooks
 

@@ -190,16 +190,17 @@ def _release_idempotency_key(session: Session, organisation_id: uuid.UUID, key: 
 
 def _publish(session: Session, actor: audit.Actor, draft: Draft,
              idempotency_key: str | None = None) -> Update:
-    assert actor.organisation_id is not None
-    publisher = session.get(Organisation, actor.organisation_id)
-    assert publisher is not None
-    topic_ids, audience = validate_draft(session, publisher.id, draft)
+    # The caller's organisation exists: its key was just authenticated, and deleting an
+    # organisation deletes its keys (the foreign key below would refuse the update anyway).
+    publisher_id = actor.organisation_id
+    assert publisher_id is not None
+    topic_ids, audience = validate_draft(session, publisher_id, draft)
     now = get_settings().now()
     update_id = new_id()
     chain_id, version = update_id, 1
     if draft.supersedes is not None:
         previous = session.get(Update, draft.supersedes, with_for_update=True)
-        if previous is None or previous.publisher_id != publisher.id:
+        if previous is None or previous.publisher_id != publisher_id:
             raise InvalidInput("supersedes must name one of your own updates",
                                field="supersedes")
         if previous.status is UpdateStatus.withdrawn:
@@ -210,7 +211,7 @@ def _publish(session: Session, actor: audit.Actor, draft: Draft,
     publish_at = draft.publish_at or now
     update = Update(
         id=update_id, chain_id=chain_id, version=version, supersedes_id=draft.supersedes,
-        publisher_id=publisher.id, title=draft.title.strip(), summary=draft.summary,
+        publisher_id=publisher_id, title=draft.title.strip(), summary=draft.summary,
         body=draft.body, topics=sorted(topic_ids), prevention_level=draft.prevention_level,
         target_roles=sorted({r.value for r in draft.target_roles}) or [Role.all.value],
         roles_mask=matching.roles_mask(draft.target_roles),
@@ -226,7 +227,7 @@ def _publish(session: Session, actor: audit.Actor, draft: Draft,
     outbox.enqueue(session, ROUTE_TASK, {"update_id": str(update.id)}, available_at=publish_at)
     if idempotency_key is not None:
         session.execute(sa.update(IdempotencyKey).where(
-            IdempotencyKey.organisation_id == publisher.id, IdempotencyKey.key == idempotency_key
+            IdempotencyKey.organisation_id == publisher_id, IdempotencyKey.key == idempotency_key
         ).values(update_id=update.id, completed_at=now))
     audit.record(session, actor, "update.corrected" if draft.supersedes else "update.published",
                  "update", update.id, chain_id=str(chain_id), version=version,

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from api.deps import CallerDep, PublisherDep, SessionDep
+from api.dispatch import dispatch_soon
 from api.ids import in_utc_range, parse_id, parse_ref
 from api.pages import page_response
 from api.problems import responses
@@ -16,7 +17,6 @@ from api.schemas import ListOf, ReachOut, UpdateAccepted, UpdateCreate, UpdateOu
 from domain import audit, inbox, publishing
 from domain.errors import InvalidInput, NotFound
 from domain.models import Classification, InboxItem, UpdateStatus
-from workers.relay import dispatch_after_commit
 
 router = APIRouter(prefix="/v1", tags=["updates"], responses=responses(404))
 
@@ -52,7 +52,7 @@ def publish_update(body: UpdateCreate, actor: PublisherDep, session: SessionDep,
         raise InvalidInput("Idempotency-Key is 1 to 200 visible ASCII characters",
                            header="Idempotency-Key")
     update = publishing.publish(session, actor, draft_from(body), idempotency_key)
-    dispatch_after_commit()
+    dispatch_soon()
     response.headers["Location"] = f"/v1/updates/{update.id}"
     return {"id": str(update.id), "chain_id": str(update.chain_id), "version": update.version,
             "status": update.status}
@@ -91,7 +91,7 @@ def withdraw_update(update_id: str, actor: PublisherDep, session: SessionDep,
                     body: WithdrawBody | None = None) -> dict[str, Any]:
     update = publishing.withdraw(session, actor, parse_id(update_id, "update"),
                                  body.reason if body else None)
-    dispatch_after_commit()
+    dispatch_soon()
     return update_out(update, versions=publishing.version_chain(session, update.chain_id))
 
 
