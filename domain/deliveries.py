@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.functions import FunctionElement
@@ -230,16 +231,16 @@ def signing_secrets(endpoint: WebhookEndpoint, now: datetime) -> tuple[str, ...]
     return tuple(keys)
 
 
-def _claim_per_endpoint(due: list[sa.ColumnElement[bool]], columns: tuple[Any, ...],
-                        limit: int, per_endpoint: int,
+def _claim_per_endpoint(due: list[sa.ColumnElement[bool]], limit: int, per_endpoint: int,
                         exclude: Collection[uuid.UUID]) -> sa.Select[Any]:
-    """PostgreSQL: for each enabled endpoint, its oldest `per_endpoint` due deliveries (an
-    index probe each, `ix_deliveries_endpoint_due`), locked with SKIP LOCKED, `limit` in all.
+    """PostgreSQL: the ids of each enabled endpoint's oldest `per_endpoint` due deliveries
+    (an index probe each, `ix_deliveries_endpoint_due`), locked with SKIP LOCKED, `limit`
+    in all.
     Endpoints that succeeded longest ago (or never) come first, so that when more is due
     than one claim takes, every endpoint gets its turn. The cost follows the endpoints and
     the claim, not the backlog: ranking every pending delivery instead grew with it."""
     endpoint = WebhookEndpoint.__table__.alias("endpoint")
-    picked = (sa.select(*columns)
+    picked = (sa.select(Delivery.id)
               .where(*due, Delivery.endpoint_id == endpoint.c.id)
               .order_by(Delivery.next_attempt_at, Delivery.id)
               .limit(max(1, per_endpoint))
@@ -248,7 +249,7 @@ def _claim_per_endpoint(due: list[sa.ColumnElement[bool]], columns: tuple[Any, .
     endpoints = [endpoint.c.enabled.is_(True)]
     if exclude:
         endpoints.append(endpoint.c.id.not_in(list(exclude)))
-    return (sa.select(*(picked.c[c.key] for c in columns))
+    return (sa.select(picked.c.id)
             .select_from(endpoint.join(picked, sa.true()))
             .where(*endpoints)
             .order_by(endpoint.c.last_success_at.asc().nulls_first(), endpoint.c.id)
@@ -276,8 +277,13 @@ def claim_due_webhooks(session: Session, limit: int = 500, *,
     columns = (Delivery.id, Delivery.message_id, Delivery.endpoint_id, Delivery.payload,
                Delivery.event_type)
     postgres = session.get_bind().dialect.name == "postgresql"
+    lease = {"leased_until": now + LEASE}
     if postgres and per_endpoint is not None:
-        stmt = _claim_per_endpoint(due, columns, limit, per_endpoint, exclude)
+        # Pick, lock and lease in one statement: one round trip, no list of ids sent back.
+        picked = _claim_per_endpoint(due, limit, per_endpoint, exclude).subquery("picked")
+        rows = session.execute(sa.update(Delivery).where(Delivery.id == picked.c.id)
+                               .values(lease).returning(*columns)
+                               .execution_options(synchronize_session=False)).all()
     else:
         if exclude:
             due.append(Delivery.endpoint_id.not_in(list(exclude)))
@@ -294,7 +300,10 @@ def claim_due_webhooks(session: Session, limit: int = 500, *,
                 sa.select(ranked.c.id).where(ranked.c.rank <= max(1, per_endpoint))))
         if postgres:
             stmt = stmt.with_for_update(of=Delivery, skip_locked=True)
-    rows = session.execute(stmt).all()
+        rows = session.execute(stmt).all()
+        if rows:
+            session.execute(sa.update(Delivery).where(Delivery.id.in_([r.id for r in rows]))
+                            .values(lease).execution_options(synchronize_session=False))
     if not rows:
         session.commit()
         return []
@@ -312,15 +321,18 @@ def claim_due_webhooks(session: Session, limit: int = 500, *,
                                    secrets[endpoint.id], row.payload or "", row.event_type))
     if skipped:
         session.execute(sa.update(Delivery).where(Delivery.id.in_(skipped))
-                        .values(status=DeliveryStatus.skipped)
-                        .execution_options(synchronize_session=False))
-    if claimed:
-        session.execute(sa.update(Delivery).where(Delivery.id.in_([c.delivery_id
-                                                                   for c in claimed]))
-                        .values(leased_until=now + LEASE)
+                        .values(status=DeliveryStatus.skipped, leased_until=None)
                         .execution_options(synchronize_session=False))
     session.commit()
     return claimed
+
+
+def _among(session: Session, column: Any, ids: list[uuid.UUID]) -> sa.ColumnElement[bool]:
+    """`column IN ids`; on PostgreSQL as `= ANY(array)`, one parameter, so the statement's
+    text is the same whatever the number of ids (the driver prepares it once)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == sa.any_(sa.bindparam("ids", ids, type_=postgresql.ARRAY(sa.Uuid)))
+    return column.in_(ids)
 
 
 def record_outcomes(session: Session, outcomes: list[Outcome]) -> None:
@@ -343,7 +355,7 @@ def record_outcomes(session: Session, outcomes: list[Outcome]) -> None:
     locked = {row.id: row for row in session.execute(
         sa.select(Delivery.id, Delivery.status, Delivery.attempt_count, Delivery.created_at,
                   Delivery.endpoint_id)
-        .where(Delivery.id.in_(ids)).order_by(Delivery.id).with_for_update())}
+        .where(_among(session, Delivery.id, ids)).order_by(Delivery.id).with_for_update())}
     outcomes = [o for o in outcomes if o.delivery_id in locked]
     if not outcomes:
         session.commit()
