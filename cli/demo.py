@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
@@ -54,7 +55,7 @@ def _actor(org: Organisation, *scopes: str) -> Actor:
 
 
 def _ensure_subscription(session: Session, org: Organisation, name: str,
-                         **kwargs: object) -> None:
+                         **kwargs: Any) -> None:
     exists = session.scalar(sa.select(Subscription.id).where(
         Subscription.organisation_id == org.id, Subscription.name == name))
     if exists is None:

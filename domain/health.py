@@ -47,7 +47,8 @@ def read_health_figures(session: Session) -> HealthFigures:
     recent = session.execute(
         sa.select(Update.publish_at, Update.routed_at)
         .where(Update.routed_at >= now - LATENCY_WINDOW).limit(10_000)).all()
-    latencies = [max(0.0, (routed - published).total_seconds()) for published, routed in recent]
+    latencies = [max(0.0, (routed - published).total_seconds()) for published, routed in recent
+                 if routed is not None]
     by_status = {(str(channel), str(status)): int(count) for channel, status, count in
                  session.execute(sa.select(Delivery.channel, Delivery.status, sa.func.count())
                                  .group_by(Delivery.channel, Delivery.status)).all()}

@@ -74,7 +74,7 @@ def windows(cadence: str, send_at: str, weekday: int | None, tz: ZoneInfo,
     """The windows due by `now` that have not been built: every one since `last_end` (or
     since the subscription began), so each missed window is built once."""
     start = last_end or created_at
-    result = []
+    result: list[Window] = []
     for due in due_times(cadence, send_at, weekday, tz, start, now):
         window_start = (last_end if last_end is not None and not result
                         else previous_due(cadence, send_at, weekday, tz, due))

@@ -64,7 +64,7 @@ def _check_channel(session: Session, organisation_id: uuid.UUID,
                    channel: dict[str, Any] | None) -> tuple[ChannelType, dict[str, Any]]:
     channel = dict(channel or {"type": "inbox"})
     try:
-        kind = ChannelType(channel.get("type"))
+        kind = ChannelType(str(channel.get("type")))
     except ValueError as exc:
         raise InvalidInput("channel.type is inbox, webhook, email or feed",
                            field="channel.type") from exc

@@ -443,8 +443,9 @@ async def stream_due(limit: int = 500, *, session_factory: SessionFactory = sess
                                                     thread_name_prefix="webhook-dns")
     gates: defaultdict[uuid.UUID, asyncio.Semaphore] = defaultdict(
         lambda: asyncio.Semaphore(per_endpoint))
-    options = {"resolver": resolver, "allow_loopback": settings.webhook_allow_loopback,
-               "require_https": require_https_for(settings), "timeout": timeout}
+    attempt = functools.partial(_attempt, resolver=resolver,
+                                allow_loopback=settings.webhook_allow_loopback,
+                                require_https=require_https_for(settings), timeout=timeout)
     tasks: dict[asyncio.Task[Outcome | None], WebhookSend] = {}
     outstanding: Counter[uuid.UUID] = Counter()  # claimed and not finished, per endpoint
     finished: list[Outcome] = []
@@ -456,7 +457,7 @@ async def stream_due(limit: int = 500, *, session_factory: SessionFactory = sess
         async with gates[item.endpoint_id]:
             if time.monotonic() > start_by:
                 return None
-            return await _attempt(sessions, item, signers, lookups, **options)
+            return await attempt(sessions, item, signers, lookups)
 
     async def flush() -> None:
         nonlocal finished, unsent, oldest_unrecorded, sent, succeeded, given_back

@@ -48,7 +48,7 @@ def create_endpoint(body: EndpointCreate, actor: SubscriberDep, session: Session
                     response: Response) -> dict[str, Any]:
     """Register an endpoint. The answer holds its signing `secret`: shown this once."""
     created = endpoints.create_endpoint(session, actor, url=str(body.url),
-                                        event_types=body.event_types,
+                                        event_types=list(body.event_types),
                                         description=body.description, enabled=body.enabled)
     response.headers["Location"] = f"/v1/webhook-endpoints/{created.endpoint.id}"
     return {**endpoint_out(created.endpoint), "secret": created.secret}
