@@ -9,10 +9,12 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api import ratelimit
 from domain import keys
 from domain.audit import Actor
 from domain.db import get_sessionmaker
 from domain.errors import Forbidden, Unauthenticated
+from domain.settings import get_settings
 
 
 async def get_session() -> AsyncIterator[Session]:
@@ -41,15 +43,27 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
-def authenticated(request: Request, session: SessionDep) -> Actor:
-    """Who is calling; 401 for a missing, unknown or revoked key."""
-    key, actor = keys.authenticate(session, _bearer(request))
-    request.state.actor = actor
-    from api.ratelimit import enforce_rate_limit
+async def authenticated(request: Request, session: SessionDep) -> Actor:
+    """Who is calling; 401 for a missing, unknown or revoked key.
 
-    enforce_rate_limit(str(key.id))
-    keys.touch_last_used(session, key)
-    return actor
+    A key authenticated in the last few seconds is answered from the process's cache
+    (`domain.keys.CACHE_SECONDS`, which also bounds how long a revocation through another
+    process takes to reach this one) on the event loop; the database lookup, the rate
+    limiter (Redis) and the once-a-minute `last_used_at` write go to the thread pool."""
+    presented = _bearer(request)
+    entry = keys.cached_key(presented)
+    if (entry is None or ratelimit.rate_limiting()
+            or entry.touch_due(get_settings().now())):
+        entry = await run_in_threadpool(_authenticate, session, presented)
+    request.state.actor = entry.actor
+    return entry.actor
+
+
+def _authenticate(session: Session, presented: str) -> keys.CachedKey:
+    entry = keys.authenticate_cached(session, presented)
+    ratelimit.enforce_rate_limit(str(entry.key_id))
+    keys.touch_last_used(session, entry)
+    return entry
 
 
 CallerDep = Annotated[Actor, Depends(authenticated)]

@@ -33,6 +33,11 @@ def _client() -> redis.Redis | None:
     return redis.Redis.from_url(url, socket_timeout=0.2, socket_connect_timeout=0.2)
 
 
+def rate_limiting() -> bool:
+    """Whether requests are counted (a Redis URL and a limit are configured)."""
+    return get_settings().rate_limit_per_minute > 0 and _client() is not None
+
+
 def enforce_rate_limit(key_id: str) -> None:
     limit = get_settings().rate_limit_per_minute
     client = _client()

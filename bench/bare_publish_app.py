@@ -36,8 +36,9 @@ CREATE_TABLE = (f"CREATE TABLE {TABLE} (id uuid PRIMARY KEY DEFAULT gen_random_u
                 "topics text[] NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
 INSERT = (f"INSERT INTO {TABLE} (title, summary, body, topics) VALUES (%s, %s, %s, %s) "
           "RETURNING id")
-#: As many connections at most as the product's engine may open (pool 10 + overflow 20).
-MAX_CONNECTIONS = 30
+#: As many connections at most as the product's engine may open (pool 40 + overflow 10,
+#: `domain.db.POOL_SIZE` and `MAX_OVERFLOW`); 32 clients never need more than 32.
+MAX_CONNECTIONS = 50
 
 
 class Pool:

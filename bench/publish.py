@@ -470,7 +470,7 @@ def docs_section(m: Measurement) -> list[str]:
         "FastAPI's thread pool like the product's), validates the same body with a pydantic "
         "model and stores it with one `INSERT … RETURNING id` into a table of its own "
         "(uuid primary key, the four fields, a timestamp) on an autocommit psycopg 3 "
-        "connection (the product's driver) from a pool of at most 30 (the product's pool "
+        "connection (the product's driver) from a pool of at most 50 (the product's pool "
         "size plus overflow), in the same database, answering 202 with the id. It is served "
         "by `uvicorn.run` with the very keyword arguments `doorstroom api` passes (read "
         "from `cli.main.api` with `uvicorn.run` replaced by a recorder): "

@@ -36,14 +36,13 @@ def record(
     **detail: Any,
 ) -> None:
     """Add an audit entry to the caller's transaction (it is committed with the change)."""
-    session.add(
-        AuditEntry(
-            at=get_settings().now(),
-            actor_organisation_id=actor.organisation_id,
-            actor_key_id=actor.key_id,
-            action=action,
-            object_type=object_type,
-            object_id=None if object_id is None else str(object_id),
-            detail=detail,
-        )
-    )
+    session.add(AuditEntry(**entry(actor, action, object_type, object_id, **detail)))
+
+
+def entry(actor: Actor, action: str, object_type: str, object_id: object | None = None,
+          **detail: Any) -> dict[str, Any]:
+    """An audit entry's column values, for a caller that writes it itself (a Core INSERT in
+    its own transaction, as `record` would have it committed)."""
+    return {"at": get_settings().now(), "actor_organisation_id": actor.organisation_id,
+            "actor_key_id": actor.key_id, "action": action, "object_type": object_type,
+            "object_id": None if object_id is None else str(object_id), "detail": detail}

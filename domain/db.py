@@ -51,6 +51,16 @@ class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
+#: Connections kept open for reuse: at least the API's thread pool (anyio's default limiter,
+#: 40 threads; a request's thread holds at most one connection), so that a busy API does not
+#: open and close a connection per request. Connections are opened on demand, so a worker
+#: process that needs few keeps few.
+POOL_SIZE = 40
+#: Beyond the pool, closed again when returned: the outbox dispatch thread, a handler still
+#: running after its request's deadline, a burst of async work.
+MAX_OVERFLOW = 10
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -65,8 +75,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cursor.close()
 
         return engine
-    kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 20)
+    kwargs.setdefault("pool_size", POOL_SIZE)
+    kwargs.setdefault("max_overflow", MAX_OVERFLOW)
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_timeout", 5)
     kwargs.setdefault("connect_args", {"connect_timeout": 3})

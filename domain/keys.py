@@ -1,13 +1,23 @@
-"""API keys: 256 random bits, shown once, stored as a SHA-256 hash, found by that hash."""
+"""API keys: 256 random bits, shown once, stored as a SHA-256 hash, found by that hash.
+
+Authenticated keys are remembered in the process for `CACHE_SECONDS` (`authenticate_cached`),
+so that a busy API does not look the same key up for every request. The bound: a key revoked
+through this process (`revoke_key`) is refused at once; a key revoked through another
+process (another API worker, the CLI) is refused by this one at most `CACHE_SECONDS` after
+the revocation commits. An entry is never renewed by use: it is dropped that long after the
+lookup that made it. Unknown and revoked keys are never remembered.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -20,6 +30,10 @@ from domain.settings import get_settings
 KEY_PREFIX = "ds_"
 _PREFIX_CHARS = 8
 _LAST_USED_GRANULARITY = timedelta(minutes=1)
+#: How long an authenticated key is remembered (see the module's docstring for the bound).
+CACHE_SECONDS = 5.0
+#: At most this many keys are remembered; beyond it the cache starts afresh.
+_CACHE_MAX = 10_000
 
 
 def hash_key(key: str) -> str:
@@ -90,19 +104,73 @@ def authenticate(session: Session, presented: str) -> tuple[ApiKey, audit.Actor]
     return key, audit.Actor(key.organisation_id, key.id, frozenset(key.scopes))
 
 
-def touch_last_used(session: Session, key: ApiKey) -> None:
+@dataclass
+class CachedKey:
+    """An authenticated key as remembered: who it acts for, and when its use was last
+    recorded (as far as this process knows)."""
+
+    key_id: uuid.UUID
+    actor: audit.Actor
+    last_used_at: datetime | None
+    expires: float  # time.monotonic()
+
+    def touch_due(self, now: datetime) -> bool:
+        return self.last_used_at is None or now - self.last_used_at >= _LAST_USED_GRANULARITY
+
+
+_cache: dict[str, CachedKey] = {}
+_cache_lock = threading.Lock()
+
+
+def cached_key(presented: str) -> CachedKey | None:
+    """The remembered authentication of a presented key, if still fresh. No database."""
+    entry = _cache.get(hash_key(presented)) if presented.startswith(KEY_PREFIX) else None
+    if entry is None or entry.expires <= time.monotonic():
+        return None
+    return entry
+
+
+def authenticate_cached(session: Session, presented: str) -> CachedKey:
+    """`authenticate`, answered from the cache when the key was authenticated less than
+    `CACHE_SECONDS` ago; otherwise looked up, and remembered."""
+    entry = cached_key(presented)
+    if entry is not None:
+        return entry
+    key, actor = authenticate(session, presented)
+    entry = CachedKey(key.id, actor, key.last_used_at, time.monotonic() + CACHE_SECONDS)
+    with _cache_lock:
+        if len(_cache) >= _CACHE_MAX:
+            _cache.clear()
+        _cache[key.key_hash] = entry
+    return entry
+
+
+def forget_cached(key_hash: str | None = None) -> None:
+    """Drop one remembered key (by its stored hash), or all of them."""
+    with _cache_lock:
+        if key_hash is None:
+            _cache.clear()
+        else:
+            _cache.pop(key_hash, None)
+
+
+def touch_last_used(session: Session, key: ApiKey | CachedKey) -> None:
     """Record use at most once a minute per key, so that reads do not all become writes."""
     now = get_settings().now()
-    if key.last_used_at is not None and now - key.last_used_at < _LAST_USED_GRANULARITY:
+    last_used_at = key.last_used_at
+    if last_used_at is not None and now - last_used_at < _LAST_USED_GRANULARITY:
         return
+    key_id = key.key_id if isinstance(key, CachedKey) else key.id
     session.execute(
         sa.update(ApiKey)
-        .where(ApiKey.id == key.id)
+        .where(ApiKey.id == key_id)
         .where(sa.or_(ApiKey.last_used_at.is_(None),
                       ApiKey.last_used_at < now - _LAST_USED_GRANULARITY))
         .values(last_used_at=now)
     )
     session.commit()
+    if isinstance(key, CachedKey):
+        key.last_used_at = now
 
 
 def list_keys(session: Session, organisation_id: uuid.UUID) -> list[ApiKey]:
@@ -124,5 +192,6 @@ def revoke_key(session: Session, actor: audit.Actor, key_id: uuid.UUID) -> ApiKe
         key.revoked_at = get_settings().now()
         audit.record(session, actor, "key.revoked", "api_key", key.id, prefix=key.prefix)
     session.commit()
+    forget_cached(key.key_hash)  # refused by this process at once
     return key
 

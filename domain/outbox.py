@@ -18,6 +18,8 @@ from domain.db import rowcount
 from domain.models import OutboxMessage
 from domain.settings import get_settings
 
+_TABLE: sa.Table = OutboxMessage.__table__  # type: ignore[assignment]
+
 
 def enqueue(session: Session, task: str, args: dict[str, Any],
             available_at: datetime | None = None) -> OutboxMessage:
@@ -26,6 +28,15 @@ def enqueue(session: Session, task: str, args: dict[str, Any],
                             available_at=available_at or now, dispatch_count=0)
     session.add(message)
     return message
+
+
+def row(task: str, args: dict[str, Any], available_at: datetime | None = None
+        ) -> dict[str, Any]:
+    """An outbox row's column values (without its id), for a caller that writes it itself
+    (a Core INSERT in its own transaction, as `enqueue` would have it committed)."""
+    now = get_settings().now()
+    return {"task": task, "args": args, "created_at": now, "available_at": available_at or now,
+            "dispatch_count": 0}
 
 
 def claim_due(session: Session, limit: int = 500) -> list[OutboxMessage]:
@@ -42,11 +53,16 @@ def claim_due(session: Session, limit: int = 500) -> list[OutboxMessage]:
     return list(session.scalars(stmt))
 
 
+_MARK_DISPATCHED = (sa.update(_TABLE).where(_TABLE.c.id.in_(sa.bindparam("ids", expanding=True)))
+                    .values(dispatched_at=sa.bindparam("now", type_=_TABLE.c.dispatched_at.type),
+                            dispatch_count=_TABLE.c.dispatch_count + 1))
+
+
 def mark_dispatched(session: Session, ids: list[int]) -> None:
+    """A Core UPDATE, built once: the claimed rows' objects in the session are not
+    refreshed (the relay drops them with its session)."""
     if ids:
-        session.execute(sa.update(OutboxMessage).where(OutboxMessage.id.in_(ids))
-                        .values(dispatched_at=get_settings().now(),
-                                dispatch_count=OutboxMessage.dispatch_count + 1))
+        session.execute(_MARK_DISPATCHED, {"ids": ids, "now": get_settings().now()})
 
 
 def mark_completed(session: Session, outbox_id: int | None) -> None:

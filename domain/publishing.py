@@ -11,21 +11,25 @@ import json
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from domain import audit, matching, outbox
 from domain.errors import IdempotencyMismatch, InFlight, InvalidInput, NotFound
 from domain.filters import existing_organisations, topic_ids_for_slugs
 from domain.models import (
+    AuditEntry,
     Classification,
     Group,
     IdempotencyKey,
     InboxItem,
     Organisation,
+    OutboxMessage,
     PreventionLevel,
     Priority,
     Role,
@@ -38,6 +42,10 @@ from domain.pagination import Page, paginate
 from domain.settings import get_settings
 
 ROUTE_TASK = "routing.route_update"
+_UPDATES: sa.Table = Update.__table__  # type: ignore[assignment]
+_UPDATE_TOPICS: sa.Table = UpdateTopic.__table__  # type: ignore[assignment]
+_OUTBOX: sa.Table = OutboxMessage.__table__  # type: ignore[assignment]
+_AUDIT: sa.Table = AuditEntry.__table__  # type: ignore[assignment]
 MAX_BODY_BYTES = 100 * 1024
 #: An in-flight idempotency key older than this belongs to a request that died: retry it.
 IN_FLIGHT_TIMEOUT = timedelta(seconds=60)
@@ -209,7 +217,7 @@ def _publish(session: Session, actor: audit.Actor, draft: Draft,
         version = (session.scalar(sa.select(sa.func.max(Update.version))
                                   .where(Update.chain_id == chain_id)) or 0) + 1
     publish_at = draft.publish_at or now
-    update = Update(
+    values: dict[str, Any] = dict(
         id=update_id, chain_id=chain_id, version=version, supersedes_id=draft.supersedes,
         publisher_id=publisher_id, title=draft.title.strip(), summary=draft.summary,
         body=draft.body, topics=sorted(topic_ids), prevention_level=draft.prevention_level,
@@ -219,21 +227,69 @@ def _publish(session: Session, actor: audit.Actor, draft: Draft,
         links=draft.links, language=draft.language, publish_at=publish_at,
         expires_at=draft.expires_at,
         status=UpdateStatus.published if publish_at <= now else UpdateStatus.scheduled,
-        created_at=now,
+        created_at=now, withdrawn_at=None, routed_at=None, recipient_count=None,
     )
-    session.add(update)
-    session.flush()
-    session.add_all(UpdateTopic(update_id=update.id, topic_id=t) for t in topic_ids.values())
-    outbox.enqueue(session, ROUTE_TASK, {"update_id": str(update.id)}, available_at=publish_at)
+    audit_entry = audit.entry(
+        actor, "update.corrected" if draft.supersedes else "update.published", "update",
+        update_id, chain_id=str(chain_id), version=version,
+        classification=values["classification"].value)
+    # Core INSERTs, no unit of work: a publish is the API's hottest write, and these rows
+    # need none of it (`outbox.enqueue` and `audit.record`, written at once).
+    _insert_publication(session, values, list(topic_ids.values()),
+                        outbox.row(ROUTE_TASK, {"update_id": str(update_id)}, publish_at),
+                        audit_entry)
     if idempotency_key is not None:
         session.execute(sa.update(IdempotencyKey).where(
             IdempotencyKey.organisation_id == publisher_id, IdempotencyKey.key == idempotency_key
-        ).values(update_id=update.id, completed_at=now))
-    audit.record(session, actor, "update.corrected" if draft.supersedes else "update.published",
-                 "update", update.id, chain_id=str(chain_id), version=version,
-                 classification=update.classification.value)
+        ).values(update_id=update_id, completed_at=now))
+    # The caller gets the update as a persistent object of its session, as if it had been
+    # loaded: every column is set, so nothing is read back.
+    update = Update(**values)
+    make_transient_to_detached(update)
+    session.add(update)
     session.commit()
     return update
+
+
+def _insert_publication(session: Session, update: dict[str, Any], topic_ids: list[uuid.UUID],
+                        outbox_row: dict[str, Any], audit_entry: dict[str, Any]) -> None:
+    """Write a new update, its topic rows, its routing outbox row and its audit entry.
+
+    On PostgreSQL in one statement (one round trip instead of four): the last INSERT carries
+    the others as data-modifying CTEs, which PostgreSQL runs whether or not they are
+    referenced, and the foreign keys from the topic rows to the update are checked at the
+    statement's end. Elsewhere (SQLite) as four INSERTs, in the order the keys need."""
+    if session.get_bind().dialect.name == "postgresql":
+        params = {**{f"u_{k}": v for k, v in update.items()}, "topic_ids": topic_ids,
+                  **{f"o_{k}": v for k, v in outbox_row.items()},
+                  **{f"a_{k}": v for k, v in audit_entry.items()}}
+        session.execute(_publication_statement(tuple(update), tuple(outbox_row),
+                                               tuple(audit_entry)), params)
+        return
+    session.execute(sa.insert(_UPDATES), update)
+    session.execute(sa.insert(_UPDATE_TOPICS),
+                    [{"update_id": update["id"], "topic_id": t} for t in topic_ids])
+    session.execute(sa.insert(_OUTBOX), outbox_row)
+    session.execute(sa.insert(_AUDIT), audit_entry)
+
+
+@lru_cache
+def _publication_statement(update_columns: tuple[str, ...], outbox_columns: tuple[str, ...],
+                           audit_columns: tuple[str, ...]) -> sa.Insert:
+    """The PostgreSQL statement of `_insert_publication`, built once (its cache key too)."""
+
+    def bound(table: sa.Table, prefix: str, columns: tuple[str, ...]) -> dict[str, Any]:
+        return {c: sa.bindparam(f"{prefix}{c}", type_=table.c[c].type) for c in columns}
+
+    new_update = sa.insert(_UPDATES).values(bound(_UPDATES, "u_", update_columns))
+    new_topics = sa.insert(_UPDATE_TOPICS).from_select(
+        ["update_id", "topic_id"],
+        sa.select(sa.bindparam("u_id", type_=sa.Uuid()),
+                  sa.func.unnest(sa.bindparam("topic_ids", type_=ARRAY(sa.Uuid())))))
+    new_message = sa.insert(_OUTBOX).values(bound(_OUTBOX, "o_", outbox_columns))
+    return (sa.insert(_AUDIT).values(bound(_AUDIT, "a_", audit_columns))
+            .add_cte(new_update.cte("new_update"), new_topics.cte("new_update_topics"),
+                     new_message.cte("new_outbox_message")))
 
 
 def withdraw(session: Session, actor: audit.Actor, update_id: uuid.UUID,

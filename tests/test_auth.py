@@ -53,6 +53,42 @@ def test_authenticate_finds_the_key_by_hash_and_refuses_a_revoked_one(db_session
         keys.authenticate(db_session, issued.plaintext[:-1] + "x")
 
 
+def test_an_authenticated_key_is_remembered_for_a_few_seconds_and_revocation_evicts_it(
+        db_session, monkeypatch):
+    import time
+
+    import pytest
+
+    from domain.errors import Unauthenticated
+
+    org = create_org(db_session)
+    issued = keys.issue_key(db_session, SYSTEM, org.id, ["publish"])
+    first = keys.authenticate_cached(db_session, issued.plaintext)
+    assert first.key_id == issued.key.id and first.actor.organisation_id == org.id
+    # Revoked behind this process's back (another worker, the CLI): still remembered...
+    db_session.execute(sa.update(ApiKey).where(ApiKey.id == issued.key.id)
+                       .values(revoked_at=sa.func.now()))
+    assert keys.authenticate_cached(db_session, issued.plaintext) is first
+    # ...for at most CACHE_SECONDS after the lookup, then refused.
+    later = time.monotonic() + keys.CACHE_SECONDS + 0.01
+    monkeypatch.setattr(keys.time, "monotonic", lambda: later)
+    with pytest.raises(Unauthenticated, match="revoked"):
+        keys.authenticate_cached(db_session, issued.plaintext)
+    monkeypatch.undo()
+
+    # Revoked through this process: refused at once.
+    other = keys.issue_key(db_session, SYSTEM, org.id, ["publish"])
+    keys.authenticate_cached(db_session, other.plaintext)
+    keys.revoke_key(db_session, SYSTEM, other.key.id)
+    assert keys.cached_key(other.plaintext) is None
+    with pytest.raises(Unauthenticated, match="revoked"):
+        keys.authenticate_cached(db_session, other.plaintext)
+    # Unknown keys are never remembered.
+    with pytest.raises(Unauthenticated):
+        keys.authenticate_cached(db_session, other.plaintext[:-1] + "x")
+    assert keys.cached_key(other.plaintext[:-1] + "x") is None
+
+
 def test_missing_wrong_and_revoked_keys_get_401_problem(client, db_session, admin_key):
     org = create_org(db_session)
     key = create_key(db_session, org, "subscribe")

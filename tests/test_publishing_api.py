@@ -126,6 +126,37 @@ def test_publish_answers_202_with_id_and_location(client, db_session, publisher,
     assert shown.json()["publisher_id"] == str(publisher.org.id)
 
 
+def test_a_publish_writes_the_update_its_topics_its_outbox_row_and_its_audit_entry(
+        db_session, publisher, topics):
+    """The four rows of a publish (one statement on PostgreSQL), and the update answered as
+    a persistent object of the caller's session."""
+    from domain import publishing
+    from domain.audit import Actor
+    from domain.models import AuditEntry, UpdateTopic
+
+    actor = Actor(publisher.org.id, None, frozenset({"publish"}))
+    update = publishing.publish(db_session, actor, publishing.Draft(
+        title="Vier rijen", topics=[topics.root, topics.child], body="b" * 2000))
+    assert sa.inspect(update).persistent and db_session.get(Update, update.id) is update
+    assert update.routed_at is None and update.recipient_count is None
+    stored = db_session.execute(sa.select(Update).where(Update.id == update.id)
+                                .execution_options(populate_existing=True)).scalar_one()
+    assert (stored.title, stored.topics, stored.chain_id, stored.version, stored.status) == (
+        "Vier rijen", sorted([topics.root, topics.child]), update.id, 1,
+        UpdateStatus.published)
+    assert len(db_session.scalars(sa.select(UpdateTopic.topic_id)
+                                  .where(UpdateTopic.update_id == update.id)).all()) == 2
+    message = db_session.scalars(sa.select(OutboxMessage).where(
+        OutboxMessage.args["update_id"].as_string() == str(update.id))).one()
+    assert (message.task, message.dispatched_at, message.dispatch_count) == (
+        publishing.ROUTE_TASK, None, 0)
+    entry = db_session.scalars(sa.select(AuditEntry).where(
+        AuditEntry.object_id == str(update.id))).one()
+    assert (entry.action, entry.actor_organisation_id, entry.detail) == (
+        "update.published", publisher.org.id,
+        {"chain_id": str(update.id), "version": 1, "classification": "public"})
+
+
 def test_a_title_of_exactly_200_characters_is_accepted(client, publisher, topics):
     response = publish(client, publisher.key, title="t" * 200, topics=[topics.root])
     assert response.status_code == 202, response.text

@@ -47,9 +47,11 @@ def _send(messages: list[OutboxMessage]) -> list[int]:
             conn.ensure_connection(max_retries=0, timeout=timeout)
             with celery_app.producer_or_acquire() as producer:
                 for message in messages:
-                    celery_app.send_task(message.task,
-                                         kwargs={**message.args, "outbox_id": message.id},
-                                         producer=producer, retry=False)
+                    kwargs = {**message.args, "outbox_id": message.id}
+                    # The representations Celery would otherwise compute with its
+                    # (costly) saferepr: the arguments are a few ids.
+                    celery_app.send_task(message.task, kwargs=kwargs, producer=producer,
+                                         retry=False, argsrepr="()", kwargsrepr=repr(kwargs))
                     sent.append(message.id)
     except Exception as exc:  # noqa: BLE001 - the poller will try again
         _broker_down_until = time.monotonic() + _BROKER_BACKOFF_SECONDS
