@@ -33,7 +33,7 @@ from bench.common import (
 RESULTS = ROOT / "bench" / "results.json"
 QUICK_RESULTS = ROOT / "bench" / "results-quick.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
-WORKLOADS = ("P1", "P2", "P3", "P4", "P5")
+WORKLOADS = ("P1", "P2", "P3", "P4", "P5", "P6")
 #: Quick mode must stay bounded: no statement may run longer than this.
 QUICK_STATEMENT_TIMEOUT_MS = 60_000
 
@@ -93,6 +93,10 @@ def runner_for(workload: str) -> Callable[..., Measurement]:
         from bench import latency
 
         return latency.run
+    if workload == "P6":
+        from bench import history
+
+        return history.run
     from bench import bundles
 
     return bundles.run
@@ -276,6 +280,10 @@ def _section(m: Measurement) -> list[str]:
         from bench import latency
 
         return latency.docs_section(m)
+    if m.workload == "P6":
+        from bench import history
+
+        return history.docs_section(m)
     from bench import bundles
 
     return bundles.docs_section(m)
