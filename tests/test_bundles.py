@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from domain import bundles, publishing
+from domain import bundles, publishing, subscriptions
 from domain.models import (
     Bundle,
     BundleEntry,
@@ -170,6 +170,21 @@ def test_missed_windows_are_each_built_once(db_session, world):
     assert [(b.window_start, b.window_end) for b in built] == [(MON, TUE), (TUE, WED),
                                                                (WED, THU)]
     assert [list(entries(db_session, b)) for b in built] == [[u.chain_id] for u in updates]
+
+
+def test_deleting_a_subscription_deletes_its_bundles_and_their_entries(db_session, world):
+    """Entries have no foreign key to their bundle (see BundleEntry.bundle_id): a trigger
+    deletes them with it, also when the bundle goes by its subscription's cascade."""
+    t = world["topics"]
+    update = publish_update(db_session, world["agency"], topics=[t["education"]])
+    arrive(db_session, update, MON + timedelta(hours=1))
+    bundles.run_due_bundles(db_session, TUE)
+    [bundle] = bundles_of(db_session, world["sub"])
+    assert entries(db_session, bundle) == {update.chain_id: "new"}
+    subscriptions.delete_subscription(db_session, actor_for(world["city"]), world["sub"].id)
+    left = db_session.scalar(sa.select(sa.func.count()).select_from(Bundle)
+                             .where(Bundle.id == bundle.id))
+    assert left == 0 and entries(db_session, bundle) == {}
 
 
 def test_urgent_updates_go_out_at_once_and_are_listed_as_already_sent(db_session, world):
