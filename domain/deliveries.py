@@ -118,6 +118,19 @@ def create_update_deliveries(session: Session, update: Update, subscription_ids:
     return _insert_deliveries(session, select)
 
 
+def wake_senders(session: Session, update_id: uuid.UUID) -> None:
+    """Queue a sender run (through the outbox, in the caller's transaction) for each channel
+    that has pending deliveries of this update: a webhook-only update does not wake the
+    e-mail sender, which would otherwise take a sender process for nothing."""
+    channels = set(session.scalars(
+        sa.select(Delivery.channel).distinct()
+        .where(Delivery.update_id == update_id, Delivery.status == DeliveryStatus.pending)))
+    if ChannelType.webhook in channels:
+        outbox.enqueue(session, SEND_TASK, {})
+    if ChannelType.email in channels:
+        outbox.enqueue(session, SEND_EMAIL_TASK, {})
+
+
 def _insert_deliveries(session: Session, select: sa.Select[Any]) -> int:
     columns = ["id", "message_id", "organisation_id", "subscription_id", "endpoint_id",
                "update_id", "channel", "event_type", "payload", "status", "attempt_count",

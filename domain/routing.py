@@ -300,10 +300,8 @@ def route_update(session: Session, update_id: uuid.UUID,
             .values(update_id=update.id, received_at=now, delivered_at=now, read_at=None,
                     acked_at=None, needs_ack=update.priority is Priority.urgent)
         ))
-    pushed = _create_push_deliveries(session, update, plan)
-    if pushed:
-        outbox.enqueue(session, deliveries.SEND_TASK, {})
-        outbox.enqueue(session, deliveries.SEND_EMAIL_TASK, {})
+    if _create_push_deliveries(session, update, plan):
+        deliveries.wake_senders(session, update.id)
     update.routed_at = now
     update.recipient_count = count
     update.status = UpdateStatus.published
@@ -341,8 +339,7 @@ def announce_withdrawal(session: Session, update_id: uuid.UUID,
     if update is not None:
         created = deliveries.create_withdrawal_deliveries(session, update)
         if created:
-            outbox.enqueue(session, deliveries.SEND_TASK, {})
-            outbox.enqueue(session, deliveries.SEND_EMAIL_TASK, {})
+            deliveries.wake_senders(session, update.id)
     outbox.mark_completed(session, outbox_id)
     session.commit()
     return created

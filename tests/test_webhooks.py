@@ -195,6 +195,20 @@ def test_a_routed_update_is_delivered_signed_as_a_cloudevent(world, receiver, lo
     assert endpoint.last_success_at is not None and endpoint.failing_since is None
 
 
+def test_routing_wakes_only_the_sender_that_has_work(world, db_session):
+    from domain.models import OutboxMessage
+
+    def queued() -> list[str]:
+        return list(db_session.scalars(sa.select(OutboxMessage.task).where(
+            OutboxMessage.task.in_([deliveries.SEND_TASK, deliveries.SEND_EMAIL_TASK]))))
+
+    world.publish()  # nobody pushes yet: no sender is woken
+    assert queued() == []
+    world.endpoint("/ok")
+    world.publish()  # a webhook subscription only: the webhook sender, not the e-mail one
+    assert queued() == [deliveries.SEND_TASK]
+
+
 def test_a_restricted_update_is_pushed_as_a_notice_only(world, receiver):
     ep = world.endpoint("/ok")
     update = world.publish(title="Geheime titel XYZZY", body="Geheime inhoud PLUGH",
