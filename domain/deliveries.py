@@ -118,17 +118,16 @@ def create_update_deliveries(session: Session, update: Update, subscription_ids:
     return _insert_deliveries(session, select)
 
 
-def wake_senders(session: Session, update_id: uuid.UUID) -> None:
-    """Queue a sender run (through the outbox, in the caller's transaction) for each channel
-    that has pending deliveries of this update: a webhook-only update does not wake the
-    e-mail sender, which would otherwise take a sender process for nothing."""
+def senders_to_wake(session: Session, update_id: uuid.UUID) -> tuple[str, ...]:
+    """The sender tasks to run now for this update's pending deliveries, one per channel
+    that has some: a webhook-only update does not wake the e-mail sender, which would
+    otherwise take a sender process for nothing."""
     channels = set(session.scalars(
         sa.select(Delivery.channel).distinct()
         .where(Delivery.update_id == update_id, Delivery.status == DeliveryStatus.pending)))
-    if ChannelType.webhook in channels:
-        outbox.enqueue(session, SEND_TASK, {})
-    if ChannelType.email in channels:
-        outbox.enqueue(session, SEND_EMAIL_TASK, {})
+    return tuple(task for channel, task in ((ChannelType.webhook, SEND_TASK),
+                                            (ChannelType.email, SEND_EMAIL_TASK))
+                 if channel in channels)
 
 
 def _insert_deliveries(session: Session, select: sa.Select[Any]) -> int:

@@ -14,7 +14,8 @@ from typing import Any
 
 from domain.models import Level, PreventionLevel, Priority, Role
 
-ROLE_BITS: dict[Role, int] = {role: 1 << i for i, role in enumerate(r for r in Role if r is not Role.all)}
+ROLE_BITS: dict[Role, int] = {role: 1 << i for i, role in
+                              enumerate(r for r in Role if r is not Role.all)}
 ALL_ROLES = sum(ROLE_BITS.values())
 PREVENTION_BITS = {level: 1 << i for i, level in enumerate(PreventionLevel)}
 ALL_PREVENTION = sum(PREVENTION_BITS.values())

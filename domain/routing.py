@@ -229,6 +229,8 @@ class RoutingResult:
     update_id: uuid.UUID
     recipients: int
     already_routed: bool = False
+    #: Sender tasks to run once this has committed (push deliveries are waiting).
+    wake: tuple[str, ...] = ()
 
 
 def route_update(session: Session, update_id: uuid.UUID,
@@ -300,14 +302,17 @@ def route_update(session: Session, update_id: uuid.UUID,
             .values(update_id=update.id, received_at=now, delivered_at=now, read_at=None,
                     acked_at=None, needs_ack=update.priority is Priority.urgent)
         ))
-    if _create_push_deliveries(session, update, plan):
-        deliveries.wake_senders(session, update.id)
+    # The senders are woken after the commit, straight through the broker (workers/tasks.py):
+    # no outbox row is needed, since a lost wake-up only waits for the periodic sender run
+    # (`delivery_poll_seconds`), the deliveries themselves being rows already committed.
+    wake = (deliveries.senders_to_wake(session, update.id)
+            if _create_push_deliveries(session, update, plan) else ())
     update.routed_at = now
     update.recipient_count = count
     update.status = UpdateStatus.published
     outbox.mark_completed(session, outbox_id)
     session.commit()
-    return RoutingResult(update_id, count)
+    return RoutingResult(update_id, count, wake=wake)
 
 
 def _create_push_deliveries(session: Session, update: Update, plan: Plan) -> int:
@@ -338,8 +343,8 @@ def announce_withdrawal(session: Session, update_id: uuid.UUID,
     created = 0
     if update is not None:
         created = deliveries.create_withdrawal_deliveries(session, update)
-        if created:
-            deliveries.wake_senders(session, update.id)
+        for task in deliveries.senders_to_wake(session, update.id) if created else ():
+            outbox.enqueue(session, task, {})
     outbox.mark_completed(session, outbox_id)
     session.commit()
     return created

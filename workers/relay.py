@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from domain import outbox
 from domain.db import session_scope
@@ -35,12 +36,11 @@ def broker_reachable(timeout: float = 0.5) -> bool:
         return False
 
 
-def _send(messages: list[OutboxMessage]) -> list[int]:
-    """Send what can be sent; answer the ids that reached the broker."""
+def _send_tasks(tasks: list[tuple[str, dict[str, Any]]]) -> int:
+    """Send (task name, keyword arguments) pairs in order; answer how many reached the
+    broker. On a failure the rest wait (for the poller) and the fast path backs off."""
     global _broker_down_until
-    sent: list[int] = []
-    if not messages:
-        return sent
+    sent = 0
     timeout = get_settings().relay_publish_timeout_seconds
     try:
         # A pooled producer and its pooled connection: checking a fresh connection costs a
@@ -48,18 +48,32 @@ def _send(messages: list[OutboxMessage]) -> list[int]:
         # that is down fails within `timeout`.
         with celery_app.producer_or_acquire() as producer:
             producer.connection.ensure_connection(max_retries=0, timeout=timeout)
-            for message in messages:
-                kwargs = {**message.args, "outbox_id": message.id}
-                # The representations Celery would otherwise compute with its
-                # (costly) saferepr: the arguments are a few ids.
-                celery_app.send_task(message.task, kwargs=kwargs, producer=producer,
-                                     retry=False, argsrepr="()", kwargsrepr=repr(kwargs))
-                sent.append(message.id)
+            for name, kwargs in tasks:
+                # The representations Celery would otherwise compute with its (costly)
+                # saferepr: the arguments are a few ids.
+                celery_app.send_task(name, kwargs=kwargs, producer=producer, retry=False,
+                                     argsrepr="()", kwargsrepr=repr(kwargs))
+                sent += 1
     except Exception as exc:  # noqa: BLE001 - the poller will try again
         _broker_down_until = time.monotonic() + _BROKER_BACKOFF_SECONDS
-        log.warning("broker unavailable, %d outbox rows wait for the poller: %s",
-                    len(messages) - len(sent), type(exc).__name__)
+        log.warning("broker unavailable, %d task(s) wait for the poller: %s",
+                    len(tasks) - sent, type(exc).__name__)
     return sent
+
+
+def _send(messages: list[OutboxMessage]) -> list[int]:
+    """Send what can be sent; answer the ids that reached the broker."""
+    sent = _send_tasks([(m.task, {**m.args, "outbox_id": m.id}) for m in messages])
+    return [m.id for m in messages[:sent]]
+
+
+def wake(tasks: tuple[str, ...]) -> None:
+    """Run these argument-less tasks soon (a sender after routing made deliveries): straight
+    to the broker, best effort. A lost wake-up costs only latency: the periodic run of the
+    same task picks the work up from the database. Never raises."""
+    if not tasks or time.monotonic() < _broker_down_until:
+        return
+    _send_tasks([(task, {}) for task in tasks])
 
 
 def dispatch_due(limit: int = 500) -> int:

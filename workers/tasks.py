@@ -41,10 +41,10 @@ def route_update(update_id: str, outbox_id: int | None = None) -> int:
     """Route one update to its recipients' inboxes (idempotent: guarded by `routed_at`)."""
     with session_scope() as session:
         result = routing.route_update(session, uuid.UUID(update_id), outbox_id)
-    # Routing may have queued push deliveries: hand them to a sender now, not at next poll.
-    from workers.relay import dispatch_after_commit
+    # Push deliveries are waiting: wake their senders now, not at the next periodic run.
+    from workers.relay import wake
 
-    dispatch_after_commit()
+    wake(result.wake)
     log.info("routed update %s to %d recipients%s", update_id, result.recipients,
              " (already routed)" if result.already_routed else "")
     return result.recipients
