@@ -845,13 +845,10 @@ def part_p3(base: str, template: str, parts: Parts, quick: bool, history_label: 
     from bench.procs import Receiver
 
     class HistoryWebhooks(webhooks.WebhookBench):
-        """P3's bench; its load truncates `deliveries` and its checks count every row:
+        """P3's bench; its clear truncates `deliveries` and its checks count every row:
         here both keep to the workload's own update, leaving the history's deliveries."""
 
-        def load(self, n: int) -> float:
-            from domain.models import new_id
-
-            started = time.perf_counter()
+        def clear(self) -> None:
             own = {"u": self.update_id, "e": [e for e, _, _ in self.endpoints]}
             with self.engine.begin() as c:
                 c.execute(sa.text(
@@ -861,31 +858,6 @@ def part_p3(base: str, template: str, parts: Parts, quick: bool, history_label: 
                 c.execute(sa.text(
                     "UPDATE webhook_endpoints SET failing_since = NULL, last_success_at = NULL, "
                     "enabled = true WHERE id = ANY(:e)"), own)
-            due = datetime.now(UTC) - timedelta(seconds=1)
-            raw = self.engine.raw_connection()
-            try:
-                conn = raw.driver_connection
-                assert conn is not None
-                with conn.cursor() as cur, cur.copy(
-                        "COPY deliveries (id, message_id, organisation_id, endpoint_id, "
-                        "update_id, channel, event_type, payload, status, attempt_count, "
-                        "next_attempt_at, created_at) FROM STDIN") as copy:
-                    for i in range(n):
-                        endpoint_id, org_id, _ = self.endpoints[i % len(self.endpoints)]
-                        copy.write_row((new_id(), f"msg_{uuid.uuid4().hex}", org_id,
-                                        endpoint_id, self.update_id, "webhook",
-                                        webhooks.EVENT_TYPE, self.payload, "pending", 0, due,
-                                        due))
-                conn.commit()
-            finally:
-                raw.close()
-            with self.engine.connect() as c:
-                c = c.execution_options(isolation_level="AUTOCOMMIT")
-                c.exec_driver_sql("VACUUM (ANALYZE, INDEX_CLEANUP ON) deliveries, "
-                                  "delivery_attempts, webhook_endpoints")
-                with suppress(sa.exc.DBAPIError):
-                    c.exec_driver_sql("CHECKPOINT")
-            return time.perf_counter() - started
 
         def outcome(self, n: int) -> dict[str, Any]:
             stats = self.receiver.stats()

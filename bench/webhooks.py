@@ -138,10 +138,7 @@ class WebhookBench:
         from domain.models import new_id
 
         started = time.perf_counter()
-        with self.engine.begin() as conn:
-            conn.exec_driver_sql("TRUNCATE delivery_attempts, deliveries")
-            conn.exec_driver_sql("UPDATE webhook_endpoints SET failing_since = NULL, "
-                                 "last_success_at = NULL, enabled = true")
+        self.clear()
         due = datetime.now(UTC) - timedelta(seconds=1)
         raw = self.engine.raw_connection()
         try:
@@ -161,6 +158,13 @@ class WebhookBench:
             raw.close()
         self._vacuum("deliveries", "delivery_attempts", "webhook_endpoints")
         return time.perf_counter() - started
+
+    def clear(self) -> None:
+        """Forget every delivery and attempt; endpoints back to healthy and enabled."""
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("TRUNCATE delivery_attempts, deliveries")
+            conn.exec_driver_sql("UPDATE webhook_endpoints SET failing_since = NULL, "
+                                 "last_success_at = NULL, enabled = true")
 
     def _vacuum(self, *tables: str) -> None:
         with self.engine.connect() as conn:
