@@ -15,9 +15,7 @@ feed; withdrawn ones become tombstones. Restricted updates are notices: who, pri
 
 from __future__ import annotations
 
-import base64
 import re
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from html import escape
@@ -32,7 +30,7 @@ from markdown_it import MarkdownIt
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from domain.errors import InvalidInput, NotFound
+from domain.errors import NotFound
 from domain.events import update_link
 from domain.models import (
     ChannelType,
@@ -44,7 +42,7 @@ from domain.models import (
     Update,
     UpdateStatus,
 )
-from domain.pagination import clamp_limit
+from domain.pagination import clamp_limit, decode_time_cursor, encode_time_cursor
 from domain.settings import get_settings
 
 ATOM_NS = "http://www.w3.org/2005/Atom"
@@ -107,23 +105,6 @@ def subscription_for_token(session: Session, token: str) -> Subscription:
     return sub
 
 
-def encode_cursor(received_at: datetime, chain_id: uuid.UUID) -> str:
-    raw = f"{received_at.astimezone(UTC).isoformat()}|{chain_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        at, chain = raw.split("|")
-        parsed = datetime.fromisoformat(at)
-        if parsed.tzinfo is None:
-            raise ValueError
-        return parsed.astimezone(UTC), uuid.UUID(chain)
-    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
-        raise InvalidInput("the pagination cursor is not valid", parameter="cursor") from exc
-
-
 def reached_through(session: Session, sub: Subscription) -> sa.ColumnElement[bool]:
     """The inbox items this subscription's feed shows, by their reasons: in SQL, per dialect
     (the column is `json`; PostgreSQL tests containment on it as `jsonb`)."""
@@ -159,7 +140,7 @@ def feed_page(session: Session, sub: Subscription, cursor: str | None,
               limit: int | None) -> FeedPage:
     """One page of the subscription's feed (see `subscription_for_token`), newest first."""
     size = clamp_limit(limit)
-    after = decode_cursor(cursor) if cursor else None
+    after = decode_time_cursor(cursor) if cursor else None
     organisation = session.get(Organisation, sub.organisation_id)
     assert organisation is not None
     now = get_settings().now()
@@ -176,7 +157,7 @@ def feed_page(session: Session, sub: Subscription, cursor: str | None,
     # (Daily and weekly subscriptions have one entry per bundle: see `bundle_feed`.)
     rows = session.execute(base.order_by(InboxItem.received_at.desc(),
                                          InboxItem.chain_id.desc()).limit(size + 1)).all()
-    next_cursor = (encode_cursor(rows[size - 1][0].received_at, rows[size - 1][0].chain_id)
+    next_cursor = (encode_time_cursor(rows[size - 1][0].received_at, rows[size - 1][0].chain_id)
                    if len(rows) > size else None)
     rows = rows[:size]
 
@@ -334,12 +315,12 @@ def bundle_feed(session: Session, sub: Subscription, cursor: str | None,
     assert organisation is not None
     stmt = sa.select(Bundle).where(Bundle.subscription_id == sub.id)
     if cursor:
-        at, bundle_id = decode_cursor(cursor)
+        at, bundle_id = decode_time_cursor(cursor)
         stmt = stmt.where(sa.or_(Bundle.window_end < at,
                                  sa.and_(Bundle.window_end == at, Bundle.id < bundle_id)))
     found = list(session.scalars(stmt.order_by(Bundle.window_end.desc(), Bundle.id.desc())
                                  .limit(size + 1)))
-    next_cursor = (encode_cursor(found[size - 1].window_end, found[size - 1].id)
+    next_cursor = (encode_time_cursor(found[size - 1].window_end, found[size - 1].id)
                    if len(found) > size else None)
     found = found[:size]
     contents = bundle_contents(session, found)

@@ -6,10 +6,9 @@ through `read_item`, and every such read is audited.
 
 from __future__ import annotations
 
-import base64
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,7 +17,13 @@ from sqlalchemy.orm import Session
 from domain import audit
 from domain.errors import InvalidInput, NotFound
 from domain.models import Classification, InboxItem, Organisation, Priority, Update, UpdateTopic
-from domain.pagination import clamp_limit, decode_cursor, encode_cursor
+from domain.pagination import (
+    clamp_limit,
+    decode_cursor,
+    decode_time_cursor,
+    encode_cursor,
+    encode_time_cursor,
+)
 from domain.settings import get_settings
 
 
@@ -36,23 +41,6 @@ class InboxFilters:
     needs_ack: bool | None = None
     since: datetime | None = None
     include_expired: bool = False
-
-
-def _cursor(item: InboxItem) -> str:
-    raw = f"{item.received_at.isoformat()}|{item.chain_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _parse_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        at, chain = raw.split("|")
-        parsed = datetime.fromisoformat(at)
-        if parsed.tzinfo is None:
-            raise ValueError
-        return parsed.astimezone(UTC), uuid.UUID(chain)
-    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
-        raise InvalidInput("the pagination cursor is not valid", parameter="cursor") from exc
 
 
 def list_inbox(session: Session, actor: audit.Actor, filters: InboxFilters,
@@ -77,14 +65,15 @@ def list_inbox(session: Session, actor: audit.Actor, filters: InboxFilters,
     if filters.topic is not None:
         stmt = stmt.where(_in_topic(session, filters.topic))
     if cursor:
-        at, chain = _parse_cursor(cursor)
+        at, chain = decode_time_cursor(cursor)
         stmt = stmt.where(sa.or_(InboxItem.received_at < at,
                                  sa.and_(InboxItem.received_at == at,
                                          InboxItem.chain_id < chain)))
     rows = session.execute(stmt.order_by(InboxItem.received_at.desc(),
                                          InboxItem.chain_id.desc()).limit(size + 1)).all()
     entries = [InboxEntry(item, update) for item, update in rows]
-    next_cursor = _cursor(entries[size - 1].item) if len(entries) > size else None
+    last = entries[size - 1].item if len(entries) > size else None
+    next_cursor = encode_time_cursor(last.received_at, last.chain_id) if last else None
     return entries[:size], next_cursor
 
 

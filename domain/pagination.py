@@ -10,6 +10,7 @@ import base64
 import json
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
@@ -26,6 +27,24 @@ DEFAULT_LIMIT = 50
 class Page(Generic[T]):
     items: list[T]
     next_cursor: str | None
+
+
+def encode_time_cursor(at: datetime, key: uuid.UUID) -> str:
+    """A cursor after (a time, an id): lists ordered newest first, ties broken by id."""
+    raw = f"{at.astimezone(UTC).isoformat()}|{key}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_time_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, key = raw.split("|")
+        parsed = datetime.fromisoformat(at)
+        if parsed.tzinfo is None:
+            raise ValueError
+        return parsed.astimezone(UTC), uuid.UUID(key)
+    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
+        raise InvalidInput("the pagination cursor is not valid", parameter="cursor") from exc
 
 
 def encode_cursor(value: Any) -> str:
