@@ -1,10 +1,10 @@
 """P5: daily bundles for 10,000 subscriptions with 200 updates in the window.
 
-Measured: `domain.bundles.run_due_bundles(session, now)` from its call to its commit (it
-commits once): every due daily window is found, its bundle and entries written, empty
-bundles dropped, `bundled_until` moved on, and the push subscriptions' bundles handed to
-their channel (a webhook delivery with its rendered CloudEvent per bundle; inbox bundles
-need nothing more).
+Measured: `domain.bundles.run_due_bundles(session, now)` from its call to its return (after
+its last commit; it commits once per batch of `domain.bundles.BATCH_SIZE` subscriptions):
+every due daily window is found, its bundle and entries written, empty bundles dropped,
+`bundled_until` moved on, and the push subscriptions' bundles handed to their channel (a
+webhook delivery with its rendered CloudEvent per bundle; inbox bundles need nothing more).
 
 Set-up, loaded with COPY before timing: 10,000 organisations with one daily subscription
 each (`send_at` 08:00 Europe/Brussels, no filter, `bundled_until` = the previous due time,
@@ -17,17 +17,27 @@ History variant: the same, plus 100 days of past bundles per subscription (1,000
 bundles, each with ENTRIES_PER_PAST_BUNDLE entries of that day's chains, and for the webhook
 subscriptions their past bundle deliveries). Issue #7 asks that the time per bundle does not
 grow with the number of past bundles: history / no history ≤ 1.2 ("within 20 %").
+
+Horizontal scale (no target; full mode only): the no-history load built by 1, 2 and 4 OS
+processes at once (`bench/bundle_worker.py`, each calling `run_due_bundles` once with the
+same `now`, as that many workers running `bundles.run_due` at the same tick would); they
+divide the work by batches (`FOR UPDATE SKIP LOCKED`). Time from the start signal to the
+return of the last process's call; bundles per process; and a check that every subscription
+got exactly one bundle of all the window's updates.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -37,6 +47,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from bench.common import Measurement, Row, absolute_row, median, relative_row
+from bench.procs import Child
 
 WORKLOAD = "P5"
 TITLE = "daily bundles for 10,000 subscriptions with 200 updates in the window"
@@ -68,6 +79,13 @@ QUICK = Sizes(200, 20, 10, 5, 2)
 #: then counts as "at least this long" and is not repeated.
 FULL_STATEMENT_TIMEOUT_S = 180.0
 QUICK_STATEMENT_TIMEOUT_S = 30.0
+#: Worker processes of the horizontal-scale runs. The quick run skips them: with 200
+#: subscriptions (below one batch) the first process takes everything.
+FULL_SCALE = (1, 2, 4)
+QUICK_SCALE: tuple[int, ...] = ()
+#: Runs per process count (each after a reset), unless --runs says otherwise.
+SCALE_RUNS = 1
+CHILD_START_TIMEOUT_S = 60.0
 
 
 def _s(value: object) -> str:
@@ -308,10 +326,10 @@ class BundleBench:
         from domain.bundles import run_due_bundles
 
         statements: list[tuple[str, float]] = []
-        with Session(self.engine) as session, _statement_timer(self.engine, statements):
-            # The call commits once, so one transaction-local setting covers all of it.
-            session.execute(sa.text(f"SET LOCAL statement_timeout = "
-                                    f"{int(self.statement_timeout_s * 1000)}"))
+        with (self.engine.connect() as conn, _statement_timeout(conn, self.statement_timeout_s),
+              Session(bind=conn) as session, _statement_timer(self.engine, statements)):
+            # The call commits once per batch: the session (one connection for all of its
+            # transactions) has the timeout set for all of them.
             statements.clear()
             started = time.perf_counter()
             try:
@@ -382,6 +400,111 @@ class BundleBench:
                 or (infos[samples.index(median(samples))] if len(samples) % 2
                     else infos[-1])}
 
+    # ------------------------------------------------------------------ horizontal scale
+
+    def outcome(self) -> dict[str, Any]:
+        """What the run built for the due window: exactly once means one bundle per
+        subscription, each with every update of the window, and one webhook delivery (with
+        its payload) per webhook subscription."""
+        n, m = self.sizes.subscriptions, self.sizes.updates
+        with self.engine.connect() as conn:
+            bundles = conn.execute(sa.text(
+                "SELECT count(*), count(DISTINCT subscription_id), coalesce(min(item_count), 0), "
+                "coalesce(max(item_count), 0) FROM bundles WHERE window_end = :due"),
+                {"due": self.due}).one()
+            entries = conn.execute(sa.text(
+                "SELECT count(*) FROM bundle_entries e JOIN bundles b ON b.id = e.bundle_id "
+                "WHERE b.window_end = :due"), {"due": self.due}).scalar_one()
+            pushed = conn.execute(sa.text(
+                "SELECT count(*), count(DISTINCT d.bundle_id) FROM deliveries d "
+                "JOIN bundles b ON b.id = d.bundle_id WHERE b.window_end = :due "
+                "AND d.payload IS NOT NULL"), {"due": self.due}).one()
+            moved = conn.execute(sa.text(
+                "SELECT count(*) FROM subscriptions WHERE bundled_until = :due"),
+                {"due": self.due}).scalar_one()
+        result = {"bundles": bundles[0], "subscriptions_with_bundle": bundles[1],
+                  "min_entries": bundles[2], "max_entries": bundles[3], "entries": entries,
+                  "webhook_deliveries": pushed[0], "webhook_bundles": pushed[1],
+                  "moved_on": moved}
+        result["exactly_once"] = (
+            bundles[0] == bundles[1] == n and bundles[2] == bundles[3] == m
+            and entries == n * m and pushed[0] == pushed[1] == self.webhook_subs
+            and moved == n)
+        return result
+
+    def measure_scale(self, counts: tuple[int, ...], runs: int, log_dir: Path
+                      ) -> list[dict[str, Any]]:
+        """Each count k: `runs` runs of k worker processes calling `run_due_bundles` at once
+        with the same `now`, after a reset each."""
+        from tests.processes import process_env
+
+        env = process_env({"BENCH_STATEMENT_TIMEOUT_MS":
+                           str(int(self.statement_timeout_s * 1000))})
+        children = [Child("bench.bundle_worker", env, log_dir / f"bundle-worker-{i}.log")
+                    for i in range(max(counts))]
+        try:
+            for child in children:
+                child.receive(CHILD_START_TIMEOUT_S)  # ready
+            # Warm each process up (imports, connection, the first statements) with a call
+            # at the previous due time, when nothing is due yet: it builds nothing.
+            for child in children:
+                child.send({"command": "go", "now": self.previous.isoformat()})
+            for child in children:
+                answer = child.receive(self.statement_timeout_s * 2)
+                if "error" in answer or answer["windows"]:
+                    raise RuntimeError(f"P5 scale warm-up: {answer}")
+            results = []
+            for k in counts:
+                samples, outcomes = [], []
+                for i in range(runs):
+                    self.reset()
+                    go = time.monotonic()
+                    for child in children[:k]:
+                        child.send({"command": "go", "now": self.now.isoformat()})
+                    answers = [child.receive(self.statement_timeout_s * 20)
+                               for child in children[:k]]
+                    elapsed = max(a["ended"] for a in answers) - go
+                    errors = [a["error"] for a in answers if "error" in a]
+                    outcome = self.outcome()
+                    outcome["errors"] = errors
+                    outcome["exactly_once"] = outcome["exactly_once"] and not errors and sum(
+                        a["bundles"] for a in answers) == self.sizes.subscriptions
+                    outcome["bundles_per_process"] = [a.get("bundles") for a in answers]
+                    outcome["subscriptions_per_process"] = [a.get("subscriptions")
+                                                            for a in answers]
+                    outcome["seconds_per_process"] = [round(a["ended"] - go, 3)
+                                                      for a in answers]
+                    outcomes.append(outcome)
+                    samples.append(elapsed)
+                    self.log(f"  {k} worker process(es), run {i + 1}/{runs}: {elapsed:.2f} s, "
+                             f"bundles per process {outcome['bundles_per_process']} "
+                             f"(subscriptions taken {outcome['subscriptions_per_process']}, "
+                             f"done after {outcome['seconds_per_process']} s); "
+                             f"{outcome['bundles']:,} bundles for "
+                             f"{outcome['subscriptions_with_bundle']:,} subscriptions, "
+                             f"{outcome['min_entries']}-{outcome['max_entries']} entries each; "
+                             f"exactly once: {outcome['exactly_once']}"
+                             + (f"; errors: {errors}" if errors else ""))
+                results.append({"processes": k, "samples_s": samples,
+                                "median_s": median(samples), "outcomes": outcomes})
+            return results
+        finally:
+            for child in children:
+                child.stop()
+
+
+@contextmanager
+def _statement_timeout(conn: sa.engine.Connection, seconds: float) -> Iterator[None]:
+    """`statement_timeout` for this connection (every transaction on it) while inside."""
+    conn.exec_driver_sql(f"SET statement_timeout = {int(seconds * 1000)}")
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.exec_driver_sql("RESET statement_timeout")
+        conn.commit()
+
 
 @contextmanager
 def _statement_timer(engine: sa.engine.Engine, into: list[tuple[str, float]]
@@ -416,6 +539,17 @@ def run(engine: sa.engine.Engine, *, quick: bool, log: Callable[[str], None],
         f"{chosen.updates} updates, {chosen.subscriptions * chosen.updates:,} inbox items in "
         f"{load_s:.1f} s")
     fresh = bench.measure("no history")
+    counts = QUICK_SCALE if quick else FULL_SCALE
+    scale: list[dict[str, Any]] = []
+    if counts:
+        log(f"P5 horizontal scale: {', '.join(map(str, counts))} worker processes")
+        log_dir = Path(tempfile.mkdtemp(prefix="doorstroom-bench-p5-"))
+        try:
+            scale = bench.measure_scale(counts, runs or SCALE_RUNS, log_dir)
+        except BaseException:
+            log(f"P5: worker process logs kept in {log_dir}")
+            raise
+        shutil.rmtree(log_dir, ignore_errors=True)
     history_s = bench.load_history()
     log(f"P5: {chosen.history_days} days of history loaded in {history_s:.1f} s")
     history = bench.measure(f"{chosen.history_days} days of history")
@@ -428,7 +562,23 @@ def run(engine: sa.engine.Engine, *, quick: bool, log: Callable[[str], None],
         relative_row(f"P5 daily bundles {what}, {chosen.history_days} days of history / "
                      "no history", history["median_s"], fresh["median_s"], "s", TARGET_RATIO),
     ]
+    for sc in scale:
+        k = sc["processes"]
+        rows.append(absolute_row(f"P5 daily bundles with {k} worker process"
+                                 f"{'es' if k > 1 else ''}", sc["median_s"], "s", None))
     notes = []
+    for sc in scale:
+        bad = [o for o in sc["outcomes"] if not o["exactly_once"]]
+        if bad:
+            o = bad[0]
+            notes.append(
+                f"Note ({sc['processes']} worker process(es), {len(bad)} of "
+                f"{len(sc['outcomes'])} run(s)): not exactly one bundle per subscription: "
+                f"{o['bundles']:,} bundles for {o['subscriptions_with_bundle']:,} of {n:,} "
+                f"subscriptions, {o['min_entries']}-{o['max_entries']} entries each "
+                f"({o['entries']:,} in all), {o['webhook_deliveries']:,} webhook deliveries, "
+                f"bundles per process {o['bundles_per_process']}"
+                + (f", errors: {o['errors']}" if o["errors"] else "") + ".")
     for v in (fresh, history):
         if v["timed_out"]:
             notes.append(
@@ -439,10 +589,12 @@ def run(engine: sa.engine.Engine, *, quick: bool, log: Callable[[str], None],
     for row in rows:
         log(f"{row.name}: {row.value:.2f} s"
             + (f", ratio {row.ratio:.2f}" if row.ratio is not None else "")
-            + f" (target {row.target:g}) {'met' if row.met else 'MISSED'}")
+            + (f" (target {row.target:g}) {'met' if row.met else 'MISSED'}"
+               if row.target is not None else ""))
     detail = [{"sizes": vars(chosen), "load_s": load_s, "history_load_s": history_s,
                "fresh": fresh, "history": history, "webhook_subs": bench.webhook_subs,
-               "due": bench.due.isoformat(), "now": bench.now.isoformat()}]
+               "due": bench.due.isoformat(), "now": bench.now.isoformat(),
+               "scale": scale}]
     return Measurement(WORKLOAD, TITLE, rows, detail, notes=notes)
 
 
@@ -450,12 +602,15 @@ def docs_section(m: Measurement) -> list[str]:
     d = m.detail[0]
     z = d["sizes"]
     n, u, days, per = z["subscriptions"], z["updates"], z["history_days"], z["entries"]
-    fresh_row, history_row, ratio_row = m.rows
+    from domain.bundles import BATCH_SIZE
+
+    fresh_row, history_row, ratio_row, *scale_rows = m.rows
     lines = [
         f"## P5: {m.title}",
         "",
         "**Measured**: `domain.bundles.run_due_bundles(session, now)` from its call to its "
-        "commit (one transaction): find every due daily window, write its bundle and "
+        "return after its last commit (one transaction per batch of "
+        f"{BATCH_SIZE:,} subscriptions): find every due daily window, write its bundle and "
         "entries, drop empty bundles, move `bundled_until` on, and hand push bundles to "
         "their channel (one webhook delivery per bundle, with its CloudEvent rendered and "
         f"stored). `now` = {d['now']} (30 s after the 08:00 Europe/Brussels due time).",
@@ -522,5 +677,39 @@ def docs_section(m: Measurement) -> list[str]:
         lines.append(f"- {v['label']}: "
                      + "; ".join(f"`{text[:70]}…` {t:.2f}" for text, t in
                                  v["info"]["statements"][:4]))
+    scale = d.get("scale") or []
+    if scale:
+        lines += [
+            "",
+            "**Horizontal scale** (no target): the same no-history load (before the history "
+            f"is loaded), built by {', '.join(str(s['processes']) for s in scale)} OS "
+            "processes at once (`bench/bundle_worker.py`: each imports the product, opens "
+            "its connection and makes one call at the previous due time, when nothing is due, "
+            "to warm up; then, on the start signal, calls `run_due_bundles(session, now)` "
+            "once with the same `now`, as that many workers running `bundles.run_due` at the "
+            "same tick would). They divide the work by batches: each locks the next "
+            f"{BATCH_SIZE:,} subscriptions by id that no other holds (`FOR UPDATE SKIP "
+            "LOCKED`), builds and commits them, and goes on until none is left. Time from "
+            "the start signal to the return of the last process's call (one monotonic clock "
+            "for all processes), after the same reset as above; "
+            f"{len(scale[0]['samples_s'])} run(s) per count. After each run the benchmark "
+            f"checks exactly one bundle per subscription ({n:,} bundles of {u} entries, "
+            "`bundled_until` moved on for all) and one webhook delivery with payload per "
+            "webhook subscription. The machine's cores (see above) are shared with "
+            "PostgreSQL, which does most of the work.",
+            "",
+            "| worker processes | time (s, median) | samples (s) | bundles per process "
+            "| done after (s, per process) | exactly once |",
+            "|---:|---:|---:|---:|---:|:---:|",
+        ]
+        for row, sc in zip(scale_rows, scale, strict=True):
+            once = all(o["exactly_once"] for o in sc["outcomes"])
+            lines.append(
+                f"| {sc['processes']} | {row.value:.2f} | "
+                f"{', '.join(f'{x:.2f}' for x in sc['samples_s'])} | "
+                f"{'; '.join(str(o['bundles_per_process']) for o in sc['outcomes'])} | "
+                f"{'; '.join(str(o['seconds_per_process']) for o in sc['outcomes'])} | "
+                f"{'yes' if once else '**no**'} |")
+        lines.append("")
     lines += [""] + m.notes + ([""] if m.notes else [])
     return lines

@@ -5,6 +5,8 @@ the windows are worked out in Python (pure arithmetic, `domain/schedule.py`), th
 statements write every bundle's rows at once. Exactly once per (subscription, window):
 due subscriptions are row-locked (`FOR UPDATE SKIP LOCKED`), `bundled_until` moves on in
 the same transaction, and the unique (subscription, window end) key absorbs any repeat.
+The subscriptions are taken in keyset batches of `BATCH_SIZE`, one transaction each, so that
+several workers running at once divide the work instead of one holding every row.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ from domain.pagination import Page, paginate
 from domain.settings import get_settings
 
 RUN_TASK = "bundles.run_due"
+#: Subscriptions per transaction of `run_due_bundles`: concurrent runs divide the work by
+#: these batches (each locks one, skipping those another run holds).
+BATCH_SIZE = 1_000
 
 
 @dataclass(frozen=True)
@@ -89,19 +94,51 @@ def _reached_through(session: Session) -> sa.ColumnElement[bool]:
 
 
 def run_due_bundles(session: Session, now: datetime | None = None) -> RunReport:
-    """Build every bundle due at `now` and hand it to its channel. Idempotent; commits once."""
+    """Build every bundle due at `now` and hand it to its channel. Idempotent; commits once
+    per batch of subscriptions (and once when nothing is due).
+
+    Subscriptions are taken in keyset batches by id (`BATCH_SIZE`, row-locked with `SKIP
+    LOCKED`), each built and committed in a transaction of its own, so that runs at the
+    same time divide the work: each skips the rows another holds and takes the next free
+    ones. Every row a run skips is held by the run that builds it (or, held by some other
+    transaction, is built at the next tick); a subscription taken again after another run
+    committed it has no due window any more (`bundled_until` moved on); the unique
+    (subscription, window end) key absorbs anything else."""
     settings = get_settings()
     now = now or settings.now()
     tz = ZoneInfo(settings.timezone)
+    totals = [0, 0, 0, 0, 0]
+    last: uuid.UUID | None = None
+    while True:
+        taken = _run_batch(session, now, tz, last)
+        if taken is None:
+            break
+        last, report = taken
+        totals = [a + b for a, b in zip(totals, (report.subscriptions, report.windows,
+                                                  report.bundles, report.empty,
+                                                  report.deliveries), strict=True)]
+    return RunReport(*totals)
+
+
+def _run_batch(session: Session, now: datetime, tz: ZoneInfo, after: uuid.UUID | None
+               ) -> tuple[uuid.UUID, RunReport] | None:
+    """The next batch of subscriptions (ids after `after`, those another run holds
+    skipped), built and committed. None (after committing) when no subscription is left."""
     stmt = (sa.select(Subscription)
             .where(Subscription.cadence.in_([Cadence.daily, Cadence.weekly]),
                    Subscription.active.is_(True), Subscription.suspended_at.is_(None))
-            .order_by(Subscription.id)
+            .order_by(Subscription.id).limit(BATCH_SIZE)
             # Fresh from the database: `bundled_until` is written by Core statements below.
             .execution_options(populate_existing=True))
+    if after is not None:
+        stmt = stmt.where(Subscription.id > after)
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update(skip_locked=True)
     subscriptions = list(session.scalars(stmt))
+    if not subscriptions:
+        session.commit()
+        return None
+    last = subscriptions[-1].id
     rows: list[dict[str, Any]] = []
     moved: list[dict[str, Any]] = []
     for sub in subscriptions:
@@ -116,8 +153,8 @@ def run_due_bundles(session: Session, now: datetime | None = None) -> RunReport:
         if found:
             moved.append({"sub_id": sub.id, "until": found[-1].end})
     if not rows:
-        session.commit()
-        return RunReport(len(subscriptions), 0, 0, 0, 0)
+        session.commit()  # releases the batch's row locks
+        return last, RunReport(len(subscriptions), 0, 0, 0, 0)
 
     # Core statements (tables, not entities): plain executemany, no ORM bookkeeping.
     insert = _dialect_insert(session)(Bundle.__table__).on_conflict_do_nothing(
@@ -137,7 +174,7 @@ def run_due_bundles(session: Session, now: datetime | None = None) -> RunReport:
         outbox.enqueue(session, SEND_TASK, {})
         outbox.enqueue(session, SEND_EMAIL_TASK, {})
     session.commit()
-    return RunReport(len(subscriptions), len(rows), built - empty, empty, pushed)
+    return last, RunReport(len(subscriptions), len(rows), built - empty, empty, pushed)
 
 
 def _write_entries(session: Session, bundle_ids: list[uuid.UUID], now: datetime) -> int:
