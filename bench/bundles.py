@@ -46,7 +46,7 @@ import uuid_utils
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from bench.common import Measurement, Row, absolute_row, median, relative_row
+from bench.common import Measurement, Row, absolute_row, median, raw_cursor, relative_row
 from bench.procs import Child
 
 WORKLOAD = "P5"
@@ -119,18 +119,6 @@ class BundleBench:
 
     # ------------------------------------------------------------------ set-up
 
-    @contextmanager
-    def _copy_cursor(self) -> Iterator[Any]:
-        raw = self.engine.raw_connection()
-        try:
-            conn = raw.driver_connection
-            assert conn is not None
-            with conn.cursor() as cur:
-                yield cur
-            conn.commit()
-        finally:
-            raw.close()
-
     def _copy(self, cur: Any, sql: str, lines: Iterator[str]) -> int:
         count = 0
         with cur.copy(sql) as copy:
@@ -165,7 +153,7 @@ class BundleBench:
         template = FanoutBench(self.engine, self.log)._subscription_template()
         created = _ts(self.previous - timedelta(days=self.sizes.history_days + 30))
         orgs = [str(uuid_utils.uuid7()) for _ in range(n)]
-        with self._copy_cursor() as cur:
+        with raw_cursor(self.engine) as cur:
             self._copy(cur, "COPY organisations (id, name, level, kind, created_at, updated_at) "
                             "FROM STDIN",
                        (f"{org}\tBench municipality {i}\tlocal\tmunicipality\t{created}"
@@ -216,7 +204,7 @@ class BundleBench:
                 f"{uid}\t{uid}\t1\t\\N\t{publisher_id}\tBenchmark bundle update {k}\t{summary}"
                 f"\t{body}\t[\"{TOPIC_SLUG}\"]\tnone\t[\"all\"]\t{roles_mask}\t{priority}"
                 f"\tpublic\t\\N\t[]\tnl\t{at}\t\\N\tpublished\t{at}\t\\N\t{at}\t{n}\n")
-        with self._copy_cursor() as cur:
+        with raw_cursor(self.engine) as cur:
             self._copy(cur, "COPY subscriptions (id, organisation_id, filter, has_topic_filter, "
                             "has_publisher_filter, publisher_levels_mask, "
                             "prevention_levels_mask, roles_mask, min_priority_rank, cadence, "
@@ -246,7 +234,7 @@ class BundleBench:
         days, per = self.sizes.history_days, self.sizes.entries
         chains = [[str(uuid.uuid4()) for _ in range(per)] for _ in range(days)]
         bundle_ids: list[list[str]] = []  # per day (oldest first), per subscription
-        with self._copy_cursor() as cur:
+        with raw_cursor(self.engine) as cur:
             bundle_lines = []
             for d in range(days, 0, -1):  # oldest first: ids grow with time, as they would
                 end, start = self.day_due[d], self.day_due[d + 1]

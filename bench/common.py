@@ -10,6 +10,8 @@ import os
 import platform
 import statistics
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,6 +112,21 @@ def point_product_at(url: str | None) -> None:
             get_engine().dispose()
         get_engine.cache_clear()
         get_sessionmaker.cache_clear()
+
+
+@contextmanager
+def raw_cursor(engine: sa.engine.Engine) -> Iterator[Any]:
+    """A psycopg cursor on a connection of its own (for COPY), committed when the block
+    ends without an error."""
+    raw = engine.raw_connection()
+    try:
+        conn = raw.driver_connection
+        assert conn is not None
+        with conn.cursor() as cur:
+            yield cur
+        conn.commit()
+    finally:
+        raw.close()
 
 
 def database_url(name: str) -> str:

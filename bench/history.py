@@ -69,6 +69,7 @@ from bench.common import (
     drop_database,
     median,
     point_product_at,
+    raw_cursor,
     recreate_database,
     relative_row,
 )
@@ -235,18 +236,6 @@ class HistoryLoader:
 
     # ------------------------------------------------------------------ helpers
 
-    @contextmanager
-    def _cursor(self) -> Iterator[Any]:
-        raw = self.engine.raw_connection()
-        try:
-            conn = raw.driver_connection
-            assert conn is not None
-            with conn.cursor() as cur:
-                yield cur
-            conn.commit()
-        finally:
-            raw.close()
-
     def _copy(self, table: str, columns: str, lines: Iterator[str] | Iterator[bytes],
               binary: bool = False) -> int:
         """TRUNCATE + COPY … FREEZE in one transaction; answers the row count. Text lines,
@@ -256,7 +245,7 @@ class HistoryLoader:
         started = time.perf_counter()
         count = 0
         options = "FORMAT BINARY, FREEZE" if binary else "FREEZE"
-        with self._cursor() as cur:
+        with raw_cursor(self.engine) as cur:
             cur.execute(f"TRUNCATE {table}")
             # A queued writer sends from a thread of its own while the rows are made.
             with cur.copy(f"COPY {table} ({columns}) FROM STDIN ({options})",
@@ -297,7 +286,7 @@ class HistoryLoader:
         self.topic_slugs = [f"history-topic-{i:02d}" for i in range(h.topics)]
         topic_ids = [_uuid7_at(t0 + 100 + i) for i in range(h.topics)]
         self.orgs = [_uuid7_at(t0 + 1000 + i) for i in range(h.municipalities)]
-        with self._cursor() as cur:
+        with raw_cursor(self.engine) as cur:
             with cur.copy("COPY organisations (id, name, level, kind, province_nis, "
                           "created_at, updated_at) FROM STDIN") as copy:
                 for i, org in enumerate(self.publishers):
@@ -358,7 +347,7 @@ class HistoryLoader:
                     f"\t\\N\t\\N\tt\twebhook\t{{\"type\":\"webhook\",\"endpoint_id\":"
                     f"\"{endpoints[j]}\"}}\t{endpoints[j]}\tt\t\\N\t{created}\t{created}\n")
                 topic_lines.append(f"{wsub}\t{topic_ids[self.org_topic[j]]}\n")
-        with self._cursor() as cur:
+        with raw_cursor(self.engine) as cur:
             with cur.copy("COPY subscriptions (id, organisation_id, name, filter, "
                           "has_topic_filter, has_publisher_filter, publisher_levels_mask, "
                           "prevention_levels_mask, roles_mask, min_priority_rank, cadence, "

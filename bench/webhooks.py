@@ -44,7 +44,7 @@ import aiohttp
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from bench.common import Measurement, Row, absolute_row, median, relative_row
+from bench.common import Measurement, Row, absolute_row, median, raw_cursor, relative_row
 from bench.procs import Child, Receiver
 
 WORKLOAD = "P3"
@@ -140,22 +140,15 @@ class WebhookBench:
         started = time.perf_counter()
         self.clear()
         due = datetime.now(UTC) - timedelta(seconds=1)
-        raw = self.engine.raw_connection()
-        try:
-            conn = raw.driver_connection
-            assert conn is not None
-            with conn.cursor() as cur, cur.copy(
-                    "COPY deliveries (id, message_id, organisation_id, endpoint_id, update_id, "
-                    "channel, event_type, payload, status, attempt_count, next_attempt_at, "
-                    "created_at) FROM STDIN") as copy:
-                for i in range(n):
-                    endpoint_id, org_id, _ = self.endpoints[i % len(self.endpoints)]
-                    copy.write_row((new_id(), f"msg_{uuid.uuid4().hex}", org_id, endpoint_id,
-                                    self.update_id, "webhook", EVENT_TYPE, self.payload,
-                                    "pending", 0, due, due))
-            conn.commit()
-        finally:
-            raw.close()
+        with raw_cursor(self.engine) as cur, cur.copy(
+                "COPY deliveries (id, message_id, organisation_id, endpoint_id, update_id, "
+                "channel, event_type, payload, status, attempt_count, next_attempt_at, "
+                "created_at) FROM STDIN") as copy:
+            for i in range(n):
+                endpoint_id, org_id, _ = self.endpoints[i % len(self.endpoints)]
+                copy.write_row((new_id(), f"msg_{uuid.uuid4().hex}", org_id, endpoint_id,
+                                self.update_id, "webhook", EVENT_TYPE, self.payload,
+                                "pending", 0, due, due))
         self._vacuum("deliveries", "delivery_attempts", "webhook_endpoints")
         return time.perf_counter() - started
 
