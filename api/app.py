@@ -116,27 +116,36 @@ class RequestDeadline:
             started = True
             await send(message)
 
-        # A separate task, not wait_for: a handler blocked in a worker thread cannot be
-        # cancelled (the thread runs on), so we stop waiting for it instead.
-        handler = asyncio.ensure_future(self.app(scope, receive, guarded_send))
-        done, _ = await asyncio.wait({handler}, timeout=self.seconds)
-        if handler in done or started:
-            await handler
-            return
-        abandoned = True
-        handler.add_done_callback(_log_abandoned)
-        response = problems.problem(
-            "service-unavailable",
-            f"the request did not complete within {self.seconds:g} s; retry later",
-            headers={"Retry-After": "5"})
-        await response(scope, receive, send)
+        def deadline() -> None:
+            nonlocal abandoned
+            if started:
+                return
+            abandoned = True
+            response = problems.problem(
+                "service-unavailable",
+                f"the request did not complete within {self.seconds:g} s; retry later",
+                headers={"Retry-After": "5"})
+            answer = asyncio.ensure_future(response(scope, receive, send))
+            _answers.add(answer)
+            answer.add_done_callback(_answers.discard)
+
+        # A timer, not a task per request or wait_for: a handler blocked in a worker thread
+        # cannot be cancelled (the thread runs on), so the timer answers in its stead and
+        # the handler's own answer, when it comes, is dropped.
+        timer = asyncio.get_running_loop().call_later(self.seconds, deadline)
+        try:
+            await self.app(scope, receive, guarded_send)
+        except Exception as exc:
+            if not abandoned:
+                raise
+            logging.getLogger("doorstroom.api").warning(
+                "a request abandoned after its deadline failed later: %s", type(exc).__name__)
+        finally:
+            timer.cancel()
 
 
-def _log_abandoned(task: asyncio.Future[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logging.getLogger("doorstroom.api").warning(
-            "a request abandoned after its deadline failed later: %s",
-            type(task.exception()).__name__)
+#: The deadline answers being sent (a reference keeps each task alive until it is done).
+_answers: set[asyncio.Future[None]] = set()
 
 
 class RefuseNulInUrl:
@@ -203,13 +212,17 @@ def create_app() -> FastAPI:
     from domain.settings import get_settings
 
     settings = get_settings()
+
     app = FastAPI(title="Doorstroom", version="1.0.0", description=DESCRIPTION,
                   openapi_url="/openapi.json", docs_url="/docs", redoc_url=None)
     problems.install(app)
+    # The router tries routes in order: the busiest (publishing, then the inboxes) first.
+    app.include_router(updates.router)
+    app.include_router(inbox.router)
     app.include_router(health.router)
     app.include_router(directory.router)
     app.include_router(__import__("api.routes.feeds", fromlist=["router"]).router)
-    for module in (updates, inbox, subscriptions, rules, webhooks, bundles):
+    for module in (subscriptions, rules, webhooks, bundles):
         app.include_router(module.router)
     app.include_router(__import__("api.routes.email", fromlist=["router"]).router)
     app.include_router(__import__("api.routes.audit", fromlist=["router"]).router)

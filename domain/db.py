@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -77,10 +78,45 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     kwargs.setdefault("pool_size", POOL_SIZE)
     kwargs.setdefault("max_overflow", MAX_OVERFLOW)
-    kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_timeout", 5)
     kwargs.setdefault("connect_args", {"connect_timeout": 3})
-    return sa.create_engine(url, **kwargs)
+    # JIT off for every session, set when connecting (so it costs no round trip per use): the
+    # statements are OLTP, and the planner overestimates some of them (routing's OR'd EXISTS
+    # filters), which would then be JIT-compiled at a cost far above what compiling saves.
+    # Options the caller passes come after, so they can still turn it on.
+    connect_args = kwargs["connect_args"] = dict(kwargs["connect_args"])
+    connect_args["options"] = f"-c jit=off {connect_args.get('options', '')}".strip()
+    engine = sa.create_engine(url, **kwargs)
+    event.listen(engine, "connect", _mark_fresh)
+    event.listen(engine, "checkout", _replace_if_closed_by_server)
+    return engine
+
+
+def _mark_fresh(_dbapi_connection: Any, record: Any) -> None:
+    record.info["fresh"] = True
+
+
+def _replace_if_closed_by_server(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Hand out no connection the server has closed (a restart, a failover, an idle
+    timeout), without a round trip per checkout as `pool_pre_ping` would make.
+
+    A pooled connection at rest has nothing to read: the server speaks only when asked, and
+    pooled connections LISTEN to nothing. If its socket is readable, the server has sent its
+    goodbye (an error message, then end of file) or closed it; the pool then discards the
+    connection and takes or opens another (`DisconnectionError`). A peer that vanished
+    without closing is not seen here (a ping would hang as well): the request deadline
+    (api/app.py) answers for that case. A connection just opened is not checked: whatever
+    its handshake left unread must not send the pool round in circles."""
+    if record.info.pop("fresh", False):
+        return
+    if dbapi_connection.closed:
+        raise sa.exc.DisconnectionError("the connection was closed")
+    try:
+        readable, _, _ = select.select([dbapi_connection.fileno()], [], [], 0)
+    except (OSError, ValueError) as exc:
+        raise sa.exc.DisconnectionError("the connection's socket is gone") from exc
+    if readable:
+        raise sa.exc.DisconnectionError("the server closed the connection")
 
 
 @lru_cache
@@ -104,6 +140,17 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def single_statement_connection(session: Session) -> sa.Connection:
+    """The session's connection for a unit of work that is a single statement: in
+    autocommit when the session may choose (bound to an engine, no transaction begun yet),
+    which spares the BEGIN and COMMIT round trips (one statement is atomic on its own);
+    otherwise in the session's transaction (a unit of work already begun, or a test's
+    session inside an outer transaction). The session's commit ends it either way."""
+    if not session.in_transaction() and isinstance(session.get_bind(), Engine):
+        return session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    return session.connection()
 
 
 def rowcount(result: Any) -> int:

@@ -8,6 +8,7 @@ dispatched but never completed. So a broker outage delays work and loses none.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -39,30 +40,41 @@ def row(task: str, args: dict[str, Any], available_at: datetime | None = None
             "dispatch_count": 0}
 
 
-def claim_due(session: Session, limit: int = 500) -> list[OutboxMessage]:
-    """Rows due for dispatch, locked so that two relays do not both send them.
+@dataclass(frozen=True)
+class Claimed:
+    """An outbox row claimed for dispatch: what the broker needs."""
 
-    The caller sends them and calls `mark_dispatched` in the same transaction.
-    """
-    now = get_settings().now()
-    stmt = (sa.select(OutboxMessage)
-            .where(OutboxMessage.dispatched_at.is_(None), OutboxMessage.available_at <= now)
-            .order_by(OutboxMessage.id).limit(limit))
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True)
-    return list(session.scalars(stmt))
+    id: int
+    task: str
+    args: dict[str, Any]
 
 
-_MARK_DISPATCHED = (sa.update(_TABLE).where(_TABLE.c.id.in_(sa.bindparam("ids", expanding=True)))
-                    .values(dispatched_at=sa.bindparam("now", type_=_TABLE.c.dispatched_at.type),
-                            dispatch_count=_TABLE.c.dispatch_count + 1))
+_DUE = (sa.select(_TABLE.c.id)
+        .where(_TABLE.c.dispatched_at.is_(None),
+               _TABLE.c.available_at <= sa.bindparam("now", type_=_TABLE.c.available_at.type))
+        .order_by(_TABLE.c.id).limit(sa.bindparam("limit", type_=sa.Integer()))
+        # Two relays never claim the same row; SQLite (one writer) renders no FOR UPDATE.
+        .with_for_update(skip_locked=True))
+_CLAIM = (sa.update(_TABLE).where(_TABLE.c.id.in_(_DUE.scalar_subquery()))
+          .values(dispatched_at=sa.bindparam("now"), dispatch_count=_TABLE.c.dispatch_count + 1)
+          .returning(_TABLE.c.id, _TABLE.c.task, _TABLE.c.args))
+_UNCLAIM = (sa.update(_TABLE).where(_TABLE.c.id.in_(sa.bindparam("ids", expanding=True)))
+            .values(dispatched_at=None, dispatch_count=_TABLE.c.dispatch_count - 1))
 
 
-def mark_dispatched(session: Session, ids: list[int]) -> None:
-    """A Core UPDATE, built once: the claimed rows' objects in the session are not
-    refreshed (the relay drops them with its session)."""
+def claim_due(session: Session, limit: int = 500) -> list[Claimed]:
+    """Claim the rows due for dispatch, oldest first, and mark them dispatched, in one
+    statement (built once); they stay locked until the caller's transaction ends.
+
+    The caller sends them, gives back (`unclaim`) those it could not send and commits."""
+    rows = session.execute(_CLAIM, {"now": get_settings().now(), "limit": limit}).all()
+    return sorted((Claimed(id, task, args) for id, task, args in rows), key=lambda c: c.id)
+
+
+def unclaim(session: Session, ids: list[int]) -> None:
+    """Undo `claim_due` for rows that did not reach the broker: due again for the poller."""
     if ids:
-        session.execute(_MARK_DISPATCHED, {"ids": ids, "now": get_settings().now()})
+        session.execute(_UNCLAIM, {"ids": ids})
 
 
 def mark_completed(session: Session, outbox_id: int | None) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from domain import audit, matching, outbox
+from domain.db import rowcount, single_statement_connection
 from domain.errors import IdempotencyMismatch, InFlight, InvalidInput, NotFound
 from domain.filters import existing_organisations, topic_ids_for_slugs
 from domain.models import (
@@ -33,6 +34,7 @@ from domain.models import (
     PreventionLevel,
     Priority,
     Role,
+    Topic,
     Update,
     UpdateStatus,
     UpdateTopic,
@@ -46,6 +48,7 @@ _UPDATES: sa.Table = Update.__table__  # type: ignore[assignment]
 _UPDATE_TOPICS: sa.Table = UpdateTopic.__table__  # type: ignore[assignment]
 _OUTBOX: sa.Table = OutboxMessage.__table__  # type: ignore[assignment]
 _AUDIT: sa.Table = AuditEntry.__table__  # type: ignore[assignment]
+_TOPICS: sa.Table = Topic.__table__  # type: ignore[assignment]
 MAX_BODY_BYTES = 100 * 1024
 #: An in-flight idempotency key older than this belongs to a request that died: retry it.
 IN_FLIGHT_TIMEOUT = timedelta(seconds=60)
@@ -79,6 +82,13 @@ class Draft:
 def validate_draft(session: Session, publisher_id: uuid.UUID, draft: Draft
                    ) -> tuple[dict[str, uuid.UUID], dict[str, list[str]] | None]:
     """Business checks on a draft; answers the topic ids and the canonical audience."""
+    _check_fields(draft)
+    topic_ids = topic_ids_for_slugs(session, draft.topics)
+    return topic_ids, _checked_audience(session, draft)
+
+
+def _check_fields(draft: Draft) -> None:
+    """The checks that need no database."""
     if not draft.title.strip():
         raise InvalidInput("title must not be empty", field="title")
     if len(draft.title) > 200:
@@ -87,18 +97,19 @@ def validate_draft(session: Session, publisher_id: uuid.UUID, draft: Draft
         raise InvalidInput("body is at most 100 kB of Markdown", field="body")
     if not draft.topics:
         raise InvalidInput("an update needs at least one topic", field="topics")
-    topic_ids = topic_ids_for_slugs(session, draft.topics)
-    now = get_settings().now()
-    publish_at = draft.publish_at or now
+    publish_at = draft.publish_at or get_settings().now()
     if draft.expires_at is not None and draft.expires_at <= publish_at:
         raise InvalidInput("expires_at must be after publish_at", field="expires_at")
     if draft.language not in ("nl", "fr", "en"):
         raise InvalidInput("language is nl, fr or en", field="language")
+
+
+def _checked_audience(session: Session, draft: Draft) -> dict[str, list[str]] | None:
     audience = _canonical_audience(session, draft.audience)
     if draft.classification is Classification.restricted and not audience:
         raise InvalidInput("a restricted update needs an audience: it reaches exactly the "
                            "organisations named there", field="audience")
-    return topic_ids, audience
+    return audience
 
 
 def _canonical_audience(session: Session, audience: dict[str, list[str]] | None
@@ -202,7 +213,12 @@ def _publish(session: Session, actor: audit.Actor, draft: Draft,
     # organisation deletes its keys (the foreign key below would refuse the update anyway).
     publisher_id = actor.organisation_id
     assert publisher_id is not None
-    topic_ids, audience = validate_draft(session, publisher_id, draft)
+    _check_fields(draft)
+    # On PostgreSQL the publication statement looks the topics up itself (a round trip
+    # fewer on the API's hottest write); elsewhere they are looked up first.
+    postgres = session.get_bind().dialect.name == "postgresql"
+    topic_ids = None if postgres else topic_ids_for_slugs(session, draft.topics)
+    audience = _checked_audience(session, draft)
     now = get_settings().now()
     update_id = new_id()
     chain_id, version = update_id, 1
@@ -220,7 +236,8 @@ def _publish(session: Session, actor: audit.Actor, draft: Draft,
     values: dict[str, Any] = dict(
         id=update_id, chain_id=chain_id, version=version, supersedes_id=draft.supersedes,
         publisher_id=publisher_id, title=draft.title.strip(), summary=draft.summary,
-        body=draft.body, topics=sorted(topic_ids), prevention_level=draft.prevention_level,
+        body=draft.body, topics=sorted(set(draft.topics)),
+        prevention_level=draft.prevention_level,
         target_roles=sorted({r.value for r in draft.target_roles}) or [Role.all.value],
         roles_mask=matching.roles_mask(draft.target_roles),
         priority=draft.priority, classification=draft.classification, audience=audience,
@@ -233,11 +250,19 @@ def _publish(session: Session, actor: audit.Actor, draft: Draft,
         actor, "update.corrected" if draft.supersedes else "update.published", "update",
         update_id, chain_id=str(chain_id), version=version,
         classification=values["classification"].value)
+    outbox_row = outbox.row(ROUTE_TASK, {"update_id": str(update_id)}, publish_at)
     # Core INSERTs, no unit of work: a publish is the API's hottest write, and these rows
     # need none of it (`outbox.enqueue` and `audit.record`, written at once).
-    _insert_publication(session, values, list(topic_ids.values()),
-                        outbox.row(ROUTE_TASK, {"update_id": str(update_id)}, publish_at),
-                        audit_entry)
+    if postgres:
+        # A plain publish is this one statement, so it needs no transaction of its own:
+        # in autocommit it is one round trip instead of three (BEGIN, INSERT, COMMIT). An
+        # Idempotency-Key or a correction adds statements, which share a transaction.
+        single = idempotency_key is None and draft.supersedes is None
+        _insert_publication_pg(session, single, values, outbox_row, audit_entry)
+    else:
+        assert topic_ids is not None
+        _insert_publication(session, values, list(topic_ids.values()), outbox_row,
+                            audit_entry)
     if idempotency_key is not None:
         session.execute(sa.update(IdempotencyKey).where(
             IdempotencyKey.organisation_id == publisher_id, IdempotencyKey.key == idempotency_key
@@ -253,19 +278,8 @@ def _publish(session: Session, actor: audit.Actor, draft: Draft,
 
 def _insert_publication(session: Session, update: dict[str, Any], topic_ids: list[uuid.UUID],
                         outbox_row: dict[str, Any], audit_entry: dict[str, Any]) -> None:
-    """Write a new update, its topic rows, its routing outbox row and its audit entry.
-
-    On PostgreSQL in one statement (one round trip instead of four): the last INSERT carries
-    the others as data-modifying CTEs, which PostgreSQL runs whether or not they are
-    referenced, and the foreign keys from the topic rows to the update are checked at the
-    statement's end. Elsewhere (SQLite) as four INSERTs, in the order the keys need."""
-    if session.get_bind().dialect.name == "postgresql":
-        params = {**{f"u_{k}": v for k, v in update.items()}, "topic_ids": topic_ids,
-                  **{f"o_{k}": v for k, v in outbox_row.items()},
-                  **{f"a_{k}": v for k, v in audit_entry.items()}}
-        session.execute(_publication_statement(tuple(update), tuple(outbox_row),
-                                               tuple(audit_entry)), params)
-        return
+    """Write a new update, its topic rows, its routing outbox row and its audit entry, as
+    four INSERTs in the order the keys need (SQLite; see `_insert_publication_pg`)."""
     session.execute(sa.insert(_UPDATES), update)
     session.execute(sa.insert(_UPDATE_TOPICS),
                     [{"update_id": update["id"], "topic_id": t} for t in topic_ids])
@@ -273,23 +287,60 @@ def _insert_publication(session: Session, update: dict[str, Any], topic_ids: lis
     session.execute(sa.insert(_AUDIT), audit_entry)
 
 
+def _insert_publication_pg(session: Session, single: bool, update: dict[str, Any],
+                           outbox_row: dict[str, Any], audit_entry: dict[str, Any]) -> None:
+    """`_insert_publication` on PostgreSQL: one statement, which also looks up the topics
+    by slug and writes nothing unless it finds them all (then the error names the unknown
+    ones). `single`: the statement is the whole unit of work, so it may run in autocommit
+    (`db.single_statement_connection`)."""
+    slugs = update["topics"]
+    params = {**{f"u_{k}": v for k, v in update.items()}, "topic_slugs": slugs,
+              "topic_count": len(slugs), **{f"o_{k}": v for k, v in outbox_row.items()},
+              **{f"a_{k}": v for k, v in audit_entry.items()}}
+    statement = _publication_statement(tuple(update), tuple(outbox_row), tuple(audit_entry))
+    connection = single_statement_connection(session) if single else session.connection()
+    if rowcount(connection.execute(statement, params)) == 0:
+        topic_ids_for_slugs(session, slugs)  # raises InvalidInput, naming the unknown topics
+        # All there now: one was created while the statement ran. Its second run sees it.
+        if rowcount(connection.execute(statement, params)) == 0:
+            raise InvalidInput("a topic changed while publishing; send it again",
+                               field="topics")
+
+
 @lru_cache
 def _publication_statement(update_columns: tuple[str, ...], outbox_columns: tuple[str, ...],
                            audit_columns: tuple[str, ...]) -> sa.Insert:
-    """The PostgreSQL statement of `_insert_publication`, built once (its cache key too)."""
+    """The statement of `_insert_publication_pg`, built once (its cache key too).
 
-    def bound(table: sa.Table, prefix: str, columns: tuple[str, ...]) -> dict[str, Any]:
-        return {c: sa.bindparam(f"{prefix}{c}", type_=table.c[c].type) for c in columns}
+    The update row is inserted only if every topic slug is found; the topic rows, the
+    outbox row and the audit entry are inserted for each update row that was (data-modifying
+    CTEs, which PostgreSQL runs whether or not they are referenced; the foreign keys from the
+    topic rows to the update are checked at the statement's end). The statement's row count
+    is the audit entry's: 1 when it wrote, 0 when a topic is unknown."""
 
-    new_update = sa.insert(_UPDATES).values(bound(_UPDATES, "u_", update_columns))
+    def bound(table: sa.Table, prefix: str, columns: tuple[str, ...]) -> list[Any]:
+        return [sa.bindparam(f"{prefix}{c}", type_=table.c[c].type) for c in columns]
+
+    found = (sa.select(_TOPICS.c.id)
+             .where(_TOPICS.c.slug == sa.func.any(sa.bindparam("topic_slugs",
+                                                               type_=ARRAY(sa.Text()))))
+             .cte("found_topics"))
+    all_found = (sa.select(sa.func.count()).select_from(found).scalar_subquery()
+                 == sa.bindparam("topic_count", type_=sa.Integer()))
+    new_update = (sa.insert(_UPDATES)
+                  .from_select(update_columns, sa.select(*bound(_UPDATES, "u_", update_columns))
+                               .where(all_found))
+                  .returning(_UPDATES.c.id).cte("new_update"))
     new_topics = sa.insert(_UPDATE_TOPICS).from_select(
         ["update_id", "topic_id"],
-        sa.select(sa.bindparam("u_id", type_=sa.Uuid()),
-                  sa.func.unnest(sa.bindparam("topic_ids", type_=ARRAY(sa.Uuid())))))
-    new_message = sa.insert(_OUTBOX).values(bound(_OUTBOX, "o_", outbox_columns))
-    return (sa.insert(_AUDIT).values(bound(_AUDIT, "a_", audit_columns))
-            .add_cte(new_update.cte("new_update"), new_topics.cte("new_update_topics"),
-                     new_message.cte("new_outbox_message")))
+        sa.select(new_update.c.id, found.c.id).select_from(new_update.join(found, sa.true())))
+    new_message = sa.insert(_OUTBOX).from_select(
+        outbox_columns, sa.select(*bound(_OUTBOX, "o_", outbox_columns)).select_from(new_update))
+    return (sa.insert(_AUDIT)
+            .from_select(audit_columns,
+                         sa.select(*bound(_AUDIT, "a_", audit_columns)).select_from(new_update))
+            .add_cte(new_topics.cte("new_update_topics"), new_message.cte("new_outbox_message"))
+            .execution_options(preserve_rowcount=True))
 
 
 def withdraw(session: Session, actor: audit.Actor, update_id: uuid.UUID,

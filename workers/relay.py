@@ -15,7 +15,6 @@ from typing import Any
 
 from domain import outbox
 from domain.db import session_scope
-from domain.models import OutboxMessage
 from domain.settings import get_settings
 from workers.celery_app import celery_app
 
@@ -61,10 +60,9 @@ def _send_tasks(tasks: list[tuple[str, dict[str, Any]]]) -> int:
     return sent
 
 
-def _send(messages: list[OutboxMessage]) -> list[int]:
-    """Send what can be sent; answer the ids that reached the broker."""
-    sent = _send_tasks([(m.task, {**m.args, "outbox_id": m.id}) for m in messages])
-    return [m.id for m in messages[:sent]]
+def _send(messages: list[outbox.Claimed]) -> int:
+    """Send what can be sent, in order; answer how many reached the broker."""
+    return _send_tasks([(m.task, {**m.args, "outbox_id": m.id}) for m in messages])
 
 
 def wake(tasks: tuple[str, ...]) -> None:
@@ -77,13 +75,14 @@ def wake(tasks: tuple[str, ...]) -> None:
 
 
 def dispatch_due(limit: int = 500) -> int:
-    """Claim due rows, send them and record the dispatch in one transaction."""
+    """Claim due rows (marked dispatched), send them, give back what did not reach the
+    broker, commit: one transaction."""
     with session_scope() as session:
         messages = outbox.claim_due(session, limit)
-        sent = _send(messages)
-        outbox.mark_dispatched(session, sent)
+        sent = _send(messages) if messages else 0
+        outbox.unclaim(session, [m.id for m in messages[sent:]])
         session.commit()
-    return len(sent)
+    return sent
 
 
 def dispatch_after_commit() -> None:
