@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import problems
+from api.deps import close_request_sessions
 from api.metrics import REQUEST_LATENCY
 from api.routes import (
     bundles,
@@ -171,7 +172,8 @@ class RefuseNulInUrl:
 
 
 class ObserveLatency:
-    """Record each request's latency in the histogram, by method and route template.
+    """Record each request's latency in the histogram, by method and route template, and
+    close the request's database sessions (`api.deps.get_session`) once it is answered.
 
     A plain ASGI middleware: starlette's BaseHTTPMiddleware (`@app.middleware("http")`)
     costs a task group and memory streams per request, a measurable share of a publish."""
@@ -187,6 +189,7 @@ class ObserveLatency:
         try:
             await self.app(scope, receive, send)
         finally:
+            await close_request_sessions(scope)
             route = scope.get("route")  # set by the router on this same scope
             REQUEST_LATENCY.labels(scope["method"], getattr(route, "path", "unmatched")
                                    ).observe(time.perf_counter() - started)
