@@ -84,7 +84,7 @@ QUICK_STATEMENT_TIMEOUT_S = 30.0
 FULL_SCALE = (1, 2, 4)
 QUICK_SCALE: tuple[int, ...] = ()
 #: Runs per process count (each after a reset), unless --runs says otherwise.
-SCALE_RUNS = 1
+SCALE_RUNS = 3
 CHILD_START_TIMEOUT_S = 60.0
 
 

@@ -38,8 +38,9 @@ never reused, and a schema change rebuilds it.
 Each P6 part then runs the same measured call on two fresh databases, alternating between
 them run by run (so that the shared machine's load drifts hit both alike): one created empty
 and migrated as usual, one created from the template (`CREATE DATABASE … TEMPLATE`). Both get
-the workload's own set-up through the same code. P4 (real processes, one run of 200 updates
-at 20/s) runs once on each, empty first. Target: history / empty ≤ 1.2 for times, ≥ 1/1.2
+the workload's own set-up through the same code. P4 (real processes, 200 updates at 20/s a
+run) runs three times on each, alternating too; the medians of the runs' p50 and p99 are
+compared. Target: history / empty ≤ 1.2 for times, ≥ 1/1.2
 for rates. P2 (the publish API) is not part of P6 (yet).
 """
 
@@ -140,13 +141,13 @@ class Parts:
     p5_runs: int
     p3_n: int  # 0: P3 not run
     p3_runs: int
-    p4: bool  # P4 once on each database (it starts the API and workers each time)
+    p4_runs: int  # 0: P4 not run; each run starts the API and workers again
 
 
 FULL_PARTS = Parts(p1_n=100_000, p1_runs=5, p5_subscriptions=2_000, p5_updates=200, p5_runs=5,
-                   p3_n=2_000, p3_runs=3, p4=True)
+                   p3_n=2_000, p3_runs=3, p4_runs=3)
 QUICK_PARTS = Parts(p1_n=500, p1_runs=2, p5_subscriptions=50, p5_updates=5, p5_runs=1,
-                    p3_n=0, p3_runs=0, p4=False)
+                    p3_n=0, p3_runs=0, p4_runs=0)
 
 
 def _ts(value: datetime) -> str:
@@ -908,36 +909,41 @@ def part_p3(base: str, template: str, parts: Parts, quick: bool, history_label: 
 def part_p4(base: str, template: str, parts: Parts, quick: bool, history_label: str,
             log: Callable[[str], None]) -> tuple[list[Row], dict[str, Any]]:
     """P4 as it is (`bench.latency.run`: API, worker, sender and receiver processes, updates
-    POSTed at 20/s), once on each database: empty first, then history."""
+    POSTed at 20/s), `parts.p4_runs` times on each database, alternating which goes first;
+    the medians of the runs' p50 and p99 are compared."""
     from bench import latency
 
-    results: dict[str, Measurement] = {}
-    load: dict[str, float] = {}
+    samples: dict[str, list[list[float]]] = {"empty": [], "history": []}
+    load: dict[str, list[float]] = {"empty": [], "history": []}
+    task_p50: dict[str, list[float]] = {"empty": [], "history": []}
+    count = 0
     with two_sides(base, "P4", template, quick, log) as sides:
-        for side in sides:
-            point_product_at(side.url)
-            load[side.label] = os.getloadavg()[0]
-            log(f"P6 P4 {side.label} (load average {load[side.label]:.1f}):")
-            results[side.label] = latency.run(side.engine, quick=quick, log=log)
+        for i in range(parts.p4_runs):
+            for side in _order(i, sides):
+                point_product_at(side.url)
+                load[side.label].append(os.getloadavg()[0])
+                log(f"P6 P4 {side.label}, run {i + 1}/{parts.p4_runs} (load average "
+                    f"{load[side.label][-1]:.1f}):")
+                m = latency.run(side.engine, quick=quick, log=log)
+                count = m.detail[0]["count"]
+                samples[side.label].append([m.rows[0].value, m.rows[1].value])
+                # The routing task's own run time (Celery's log): less sensitive to
+                # queueing than the end-to-end latency.
+                task_p50[side.label] += [t["p50_ms"] for t in m.detail[0]["tasks"]
+                                         if t["task"] == "routing.route_update"]
         setup = {s.label: s.setup_s for s in sides}
-    empty, history = results["empty"], results["history"]
-    count = empty.detail[0]["count"]
-    rows = [relative_row(f"P6 P4 latency publish to webhook {q} ({count} updates), "
-                         f"{history_label} / empty history", h.value, e.value, "ms",
-                         TARGET_RATIO)
-            for q, e, h in (("p50", empty.rows[0], history.rows[0]),
-                            ("p99", empty.rows[1], history.rows[1]))]
-    return rows, {"part": "P4", "n": count, "runs": 1, "unit": "ms", "setup_s": setup,
-                  "samples_s": {label: [m.rows[0].value, m.rows[1].value]
-                                for label, m in results.items()},
-                  "notes": {label: m.notes for label, m in results.items() if m.notes},
-                  "load_average": load,
-                  # The routing task's own run time (Celery's log): less sensitive to
-                  # queueing than the end-to-end latency.
-                  "route_task_p50_ms": {
-                      label: next((t["p50_ms"] for t in m.detail[0]["tasks"]
-                                   if t["task"] == "routing.route_update"), None)
-                      for label, m in results.items()}}
+
+    def med(label: str, q: int) -> float:
+        return median([run[q] for run in samples[label]])
+
+    rows = [relative_row(f"P6 P4 latency publish to webhook {name} ({count} updates), "
+                         f"{history_label} / empty history", med("history", q),
+                         med("empty", q), "ms", TARGET_RATIO)
+            for q, name in enumerate(("p50", "p99"))]
+    return rows, {"part": "P4", "n": count, "runs": parts.p4_runs, "unit": "ms",
+                  "setup_s": setup, "samples_s": samples, "load_average": load,
+                  "route_task_p50_ms": {label: median(v) if v else None
+                                        for label, v in task_p50.items()}}
 
 
 def run(engine: sa.engine.Engine, *, quick: bool, log: Callable[[str], None],
@@ -951,7 +957,7 @@ def run(engine: sa.engine.Engine, *, quick: bool, log: Callable[[str], None],
     parts = QUICK_PARTS if quick else FULL_PARTS
     if runs:
         parts = Parts(parts.p1_n, runs, parts.p5_subscriptions, parts.p5_updates, runs,
-                      parts.p3_n, runs, parts.p4)
+                      parts.p3_n, runs, runs if parts.p4_runs else 0)
     base = engine.url.database
     assert base
     template = f"{TEMPLATE_DB}_quick_{os.getpid()}" if quick else TEMPLATE_DB
@@ -965,7 +971,7 @@ def run(engine: sa.engine.Engine, *, quick: bool, log: Callable[[str], None],
                        "seconds": time.perf_counter() - started, "info": info,
                        "history": asdict(history)})
         for runner, wanted in ((part_p1, parts.p1_n), (part_p5, parts.p5_subscriptions),
-                               (part_p3, parts.p3_n), (part_p4, parts.p4)):
+                               (part_p3, parts.p3_n), (part_p4, parts.p4_runs)):
             if not wanted:
                 continue
             part_started = time.perf_counter()
@@ -1038,8 +1044,8 @@ def docs_section(m: Measurement) -> list[str]:
         "(`bench/fanout.py`, `bench/bundles.py`, `bench/webhooks.py`), and runs the "
         "measured call on them in turn, alternating which goes first; medians. P4 runs "
         "as `bench.latency.run` (API, worker, sender, receiver processes; 200 updates at "
-        "20/s) once on each database, empty first: one run each, so its p99 is noisy. P2 is "
-        "not part of P6. Where a "
+        f"20/s) {FULL_PARTS.p4_runs} times on each database, alternating which goes first; "
+        "the medians of the runs' p50 and p99 are compared. P2 is not part of P6. Where a "
         "workload's reset would wipe the history (P1 truncates `inbox_items`, P3 "
         "`deliveries`; P5 moves every subscription's `bundled_until`), P6 deletes only the "
         "workload's own rows instead, on both databases alike. Target: history / empty "
@@ -1076,17 +1082,22 @@ def docs_section(m: Measurement) -> list[str]:
             e, h = d["samples_s"]["empty"], d["samples_s"]["history"]
             task = d.get("route_task_p50_ms") or {}
             la = d.get("load_average") or {}
-            lines.append(f"- P4 (ms, p50 / p99 of one run each): empty {e[0]:.0f} / "
-                         f"{e[1]:.0f}; history {h[0]:.0f} / {h[1]:.0f} (part "
-                         f"{d['seconds']:.0f} s with set-up; template copy "
-                         f"{d['setup_s']['history']:.0f} s). The routing task's own p50: "
-                         f"empty {task.get('empty') or 0:.0f} ms, history "
+
+            def runs_of(samples: list[list[float]]) -> str:
+                return ", ".join(f"{r[0]:.0f} / {r[1]:.0f}" for r in samples) or "none"
+
+            lines.append(f"- P4 (ms, p50 / p99 of each run): empty {runs_of(e)}; "
+                         f"history {runs_of(h)} (part {d['seconds']:.0f} s with "
+                         f"set-up; template copy {d['setup_s']['history']:.0f} s). The "
+                         f"routing task's own p50 (median of the runs): empty "
+                         f"{task.get('empty') or 0:.0f} ms, history "
                          f"{task.get('history') or 0:.0f} ms; load average (1 min) at the "
-                         f"start: empty {la.get('empty', 0):.1f}, history "
-                         f"{la.get('history', 0):.1f}. At 20 updates/s two worker processes "
-                         "have 100 ms per routing task: near that, queueing (and so the "
-                         "latency) swings with whatever else the machine runs, so this "
-                         "row is only meaningful on a quiet machine.")
+                         f"start of each run: empty "
+                         f"{', '.join(f'{x:.1f}' for x in la.get('empty', []))}, history "
+                         f"{', '.join(f'{x:.1f}' for x in la.get('history', []))}. At 20 "
+                         "updates/s two worker processes have 100 ms per routing task: near "
+                         "that, queueing (and so the latency) swings with whatever else the "
+                         "machine runs, so this row is only meaningful on a quiet machine.")
             continue
         lines.append(f"- {d['part']} ({d['unit']}): empty "
                      f"{', '.join(f(x) for x in d['samples_s']['empty'])}; history "

@@ -22,6 +22,7 @@ reading), the delivery's `created_at`, and its first attempt's `at`.
 from __future__ import annotations
 
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -85,6 +86,9 @@ class LatencyBench:
         self.log = log
         self.receiver = receiver
         self.key = ""
+        # A topic of the run's own: a second run on the same database (P6 runs P4 several
+        # times) adds a publisher and subscriber whose subscription matches only its updates.
+        self.topic = f"{TOPIC_SLUG}-{secrets.token_hex(4)}"
 
     def prepare(self) -> None:
         """Publisher + key, topic, subscriber + endpoint + immediate webhook subscription,
@@ -98,7 +102,7 @@ class LatencyBench:
                 session, SYSTEM, directory.OrganisationFields(
                     name="Benchmark publisher", level=Level.flemish, kind=Kind.agency))
             self.key = keys.issue_key(session, SYSTEM, publisher.id, ["publish"]).plaintext
-            directory.create_topic(session, SYSTEM, slug=TOPIC_SLUG, parent=None,
+            directory.create_topic(session, SYSTEM, slug=self.topic, parent=None,
                                    name_nl="Benchmark latency", name_en="Benchmark latency")
             subscriber = directory.create_organisation(
                 session, SYSTEM, directory.OrganisationFields(
@@ -107,7 +111,7 @@ class LatencyBench:
             endpoint = endpoints.create_endpoint(
                 session, actor, url=self.receiver.url("/latency/e0")).endpoint
             subscriptions.create_subscription(session, actor, subscriptions.SubscriptionInput(
-                filter={"topics": [TOPIC_SLUG]}, cadence=Cadence.immediate,
+                filter={"topics": [self.topic]}, cadence=Cadence.immediate,
                 channel={"type": "webhook", "endpoint_id": str(endpoint.id)}))
 
     def publish(self, client: httpx.Client, i: int) -> tuple[str, float, float]:
@@ -115,7 +119,7 @@ class LatencyBench:
         sent = time.time()
         started = time.perf_counter()
         response = client.post("/v1/updates", json={
-            "title": f"Benchmark latency update {i}", "topics": [TOPIC_SLUG],
+            "title": f"Benchmark latency update {i}", "topics": [self.topic],
             "summary": "Nieuwe richtlijnen voor lokale preventieprojecten.",
             "body": body_text()})
         took = time.perf_counter() - started
