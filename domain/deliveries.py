@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,7 +31,6 @@ from domain.models import (
     DeliveryStatus,
     InboxItem,
     Organisation,
-    Priority,
     Subscription,
     Update,
     WebhookEndpoint,
@@ -83,69 +82,97 @@ def _msg_sqlite(_element: new_message_id, _compiler: Any, **_kw: Any) -> str:
 # ------------------------------------------------------------------------------- creation
 
 
-def create_update_deliveries(session: Session, update: Update, subscription_ids: sa.Select[Any],
-                             directed_orgs: sa.Select[Any] | None, event_type: str) -> int:
-    """One statement: a delivery for every push subscription that should get this version
-    now. A subscription qualifies when its organisation received the update and either its
-    filter matched (`subscription_ids`) or it takes directed updates and the organisation
-    was reached by a rule or the audience. Daily and weekly subscriptions wait for their
-    bundle, except for urgent updates. Repeats are absorbed by the unique key."""
-    publisher = session.get(Organisation, update.publisher_id)
-    assert publisher is not None
-    now = get_settings().now()
-    payload = events.update_event(update, publisher, event_type, now)
+def update_deliveries_insert(dialect: str, subscription_ids: sa.Select[Any],
+                             directed_orgs: sa.Select[Any] | None, urgent: bool) -> Any:
+    """One statement: a delivery for every push subscription that should get an update
+    version now. A subscription qualifies when its organisation received the update and
+    either its filter matched (`subscription_ids`) or it takes directed updates and the
+    organisation was reached by a rule or the audience. Daily and weekly subscriptions wait
+    for their bundle, except for urgent updates. Repeats are absorbed by the unique key.
+
+    Built once per shape by the caller (routing), so the values are bind parameters:
+    update_id, chain, event_type, payload (the webhook body, `events.update_event`) and
+    now, besides whatever `subscription_ids` and `directed_orgs` take. (None is named after
+    a column of `updates`: routing runs this with its UPDATE of the update row.)"""
     s = Subscription
+    update_id = sa.bindparam("update_id", type_=sa.Uuid)
+    now = sa.bindparam("now", type_=Delivery.created_at.type)
     reached = sa.or_(s.id.in_(subscription_ids),
                      sa.and_(s.include_directed.is_(True), s.organisation_id.in_(directed_orgs))
                      if directed_orgs is not None else sa.false())
-    cadence_ok = (sa.true() if update.priority is Priority.urgent
-                  else s.cadence == Cadence.immediate)
+    cadence_ok = sa.true() if urgent else s.cadence == Cadence.immediate
     select = (
         sa.select(new_uuid(), new_message_id(), s.organisation_id, s.id,
-                  s.webhook_endpoint_id,
-                  sa.literal(update.id, sa.Uuid), s.channel_type,
-                  sa.literal(event_type),
-                  sa.case((s.channel_type == ChannelType.webhook, payload), else_=sa.null()),
-                  sa.literal(DeliveryStatus.pending.value), sa.literal(0),
-                  sa.literal(now, Delivery.next_attempt_at.type),
-                  sa.literal(now, Delivery.created_at.type))
+                  s.webhook_endpoint_id, update_id, s.channel_type,
+                  sa.bindparam("event_type", type_=Delivery.event_type.type),
+                  sa.case((s.channel_type == ChannelType.webhook,
+                           sa.bindparam("payload", type_=Delivery.payload.type)),
+                          else_=sa.null()),
+                  sa.literal(DeliveryStatus.pending.value), sa.literal(0), now, now)
         .join(InboxItem, sa.and_(InboxItem.organisation_id == s.organisation_id,
-                                 InboxItem.chain_id == update.chain_id,
-                                 InboxItem.update_id == update.id))
-        .where(s.channel_type.in_([ChannelType.webhook, ChannelType.email]),
-               s.active.is_(True), s.suspended_at.is_(None), cadence_ok, reached)
+                                 InboxItem.chain_id == sa.bindparam("chain", type_=sa.Uuid),
+                                 InboxItem.update_id == update_id))
+        .where(takes_pushes(s), cadence_ok, reached)
     )
-    return _insert_deliveries(session, select)
+    return _deliveries_insert(dialect, select)
+
+
+def takes_pushes(s: type[Subscription]) -> sa.ColumnElement[bool]:
+    """Subscriptions that take push deliveries now: webhook or e-mail, active, not suspended.
+    The channels are constants in the SQL, not parameters, so that the planner can always
+    use the partial index `ix_subscriptions_push` (also in a prepared statement's generic
+    plan)."""
+    push: list[Any] = [sa.literal_column(f"'{c.value}'")
+                       for c in (ChannelType.webhook, ChannelType.email)]
+    return sa.and_(s.channel_type.in_(push), s.active.is_(True), s.suspended_at.is_(None))
 
 
 def senders_to_wake(session: Session, update_id: uuid.UUID) -> tuple[str, ...]:
     """The sender tasks to run now for this update's pending deliveries, one per channel
     that has some: a webhook-only update does not wake the e-mail sender, which would
     otherwise take a sender process for nothing."""
-    channels = set(session.scalars(
+    return wake_tasks(session.scalars(
         sa.select(Delivery.channel).distinct()
         .where(Delivery.update_id == update_id, Delivery.status == DeliveryStatus.pending)))
+
+
+def wake_tasks(channels: Iterable[ChannelType]) -> tuple[str, ...]:
+    """The sender tasks for deliveries waiting on these channels (see `senders_to_wake`)."""
+    waiting = set(channels)
     return tuple(task for channel, task in ((ChannelType.webhook, SEND_TASK),
                                             (ChannelType.email, SEND_EMAIL_TASK))
-                 if channel in channels)
+                 if channel in waiting)
+
+
+_DELIVERIES: sa.Table = Delivery.__table__  # type: ignore[assignment]
+_DELIVERY_COLUMNS = ["id", "message_id", "organisation_id", "subscription_id", "endpoint_id",
+                     "update_id", "channel", "event_type", "payload", "status", "attempt_count",
+                     "next_attempt_at", "created_at"]
+
+
+def _deliveries_insert(dialect: str, select: sa.Select[Any]) -> Any:
+    """INSERT … SELECT of deliveries (the select's columns as `_DELIVERY_COLUMNS`), whose
+    repeats the unique key absorbs."""
+    insert = _insert_for(dialect)(_DELIVERIES)
+    return (insert.from_select(_DELIVERY_COLUMNS, select.where(sa.true()))
+            .on_conflict_do_nothing(index_elements=["update_id", "subscription_id",
+                                                    "event_type"])
+            .execution_options(preserve_rowcount=True))
 
 
 def _insert_deliveries(session: Session, select: sa.Select[Any]) -> int:
-    columns = ["id", "message_id", "organisation_id", "subscription_id", "endpoint_id",
-               "update_id", "channel", "event_type", "payload", "status", "attempt_count",
-               "next_attempt_at", "created_at"]
-    insert = _dialect_insert(session)(Delivery).from_select(columns, select.where(sa.true()))
-    insert = insert.on_conflict_do_nothing(
-        index_elements=["update_id", "subscription_id", "event_type"])
-    count = rowcount(session.execute(insert.execution_options(preserve_rowcount=True)))
-    return max(count, 0)
+    insert = _deliveries_insert(session.get_bind().dialect.name, select)
+    return max(rowcount(session.execute(insert)), 0)
 
 
 def _dialect_insert(session: Session) -> Any:
+    return _insert_for(session.get_bind().dialect.name)
+
+
+def _insert_for(dialect: str) -> Any:
     from sqlalchemy.dialects import postgresql, sqlite
 
-    return (postgresql.insert if session.get_bind().dialect.name == "postgresql"
-            else sqlite.insert)
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 def create_withdrawal_deliveries(session: Session, update: Update) -> int:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
-from domain.models import Classification, Organisation, Update
+from domain.models import Classification, PreventionLevel, Priority, UpdateStatus
 from domain.settings import get_settings
 
 PUBLISHED = "be.doorstroom.update.published"
@@ -18,6 +19,60 @@ BUNDLE = "be.doorstroom.bundle"
 PING = "be.doorstroom.endpoint.ping"
 EVENT_TYPES = (PUBLISHED, CORRECTED, WITHDRAWN, BUNDLE, PING)
 CONTENT_TYPE = "application/cloudevents+json"
+
+
+class UpdateFields(Protocol):
+    """What an event reads of an update: an `Update`, or a row of the `updates` table (routing
+    reads plain rows)."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def chain_id(self) -> uuid.UUID: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def priority(self) -> Priority: ...
+    @property
+    def classification(self) -> Classification: ...
+    @property
+    def status(self) -> UpdateStatus: ...
+    @property
+    def title(self) -> str: ...
+    @property
+    def summary(self) -> str: ...
+    @property
+    def body(self) -> str: ...
+    @property
+    def topics(self) -> list[str]: ...
+    @property
+    def prevention_level(self) -> PreventionLevel: ...
+    @property
+    def target_roles(self) -> list[str]: ...
+    @property
+    def language(self) -> str: ...
+    @property
+    def links(self) -> list[dict[str, Any]]: ...
+    @property
+    def publish_at(self) -> datetime: ...
+    @property
+    def expires_at(self) -> datetime | None: ...
+    @property
+    def supersedes_id(self) -> uuid.UUID | None: ...
+
+
+class PublisherFields(Protocol):
+    """What an event reads of the publishing organisation (an `Organisation` will do)."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def name(self) -> str: ...
+
+
+class Publisher(NamedTuple):
+    id: uuid.UUID
+    name: str
 
 
 def _source() -> str:
@@ -39,7 +94,7 @@ def update_link(update_id: object) -> str:
     return f"{get_settings().public_url.rstrip('/')}/v1/inbox/{update_id}"
 
 
-def update_data(update: Update, publisher: Organisation) -> dict[str, Any]:
+def update_data(update: UpdateFields, publisher: PublisherFields) -> dict[str, Any]:
     """The event data. A restricted update is a notice: id, publisher, priority, link."""
     base: dict[str, Any] = {
         "id": str(update.id), "chain_id": str(update.chain_id), "version": update.version,
@@ -60,7 +115,7 @@ def update_data(update: Update, publisher: Organisation) -> dict[str, Any]:
     return {"update": base, "notice": False}
 
 
-def update_event(update: Update, publisher: Organisation, event_type: str,
+def update_event(update: UpdateFields, publisher: PublisherFields, event_type: str,
                  at: datetime) -> str:
     return structured(event_type, f"{update.id}.{event_type.rsplit('.', 1)[-1]}", at,
                       f"updates/{update.id}", update_data(update, publisher))

@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 from sqlalchemy.sql.functions import FunctionElement
 
 from domain import deliveries, events, matching, outbox
-from domain.db import rowcount
+from domain.db import UTCDateTime, rowcount
 from domain.filters import compile_stored_filter
 from domain.models import (
     Classification,
     Delivery,
+    DeliveryStatus,
     GroupMember,
     InboxItem,
     Kind,
@@ -70,6 +74,50 @@ def _reasons_agg_sqlite(element: reasons_agg, compiler: Any, **kw: Any) -> str:
             f"'id', {compiler.process(source, **kw)}))")
 
 
+class json_list(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it is
+    """JSON array over a group, per dialect: of the values of one column, or of arrays of
+    several columns' values. NULL (PostgreSQL) or [] (SQLite) over no rows."""
+
+    type = sa.JSON()
+    inherit_cache = True
+
+
+@compiles(json_list, "postgresql")
+def _json_list_pg(element: json_list, compiler: Any, **kw: Any) -> str:
+    args = [compiler.process(c, **kw) for c in element.clauses]
+    return (f"json_agg({args[0]})" if len(args) == 1
+            else f"json_agg(json_build_array({', '.join(args)}))")
+
+
+@compiles(json_list, "sqlite")
+def _json_list_sqlite(element: json_list, compiler: Any, **kw: Any) -> str:
+    # JSON columns are text in SQLite: json() embeds them as JSON rather than as strings.
+    args = [f"json({compiler.process(c, **kw)})" if isinstance(c.type, sa.JSON)
+            else compiler.process(c, **kw) for c in element.clauses]
+    return (f"json_group_array({args[0]})" if len(args) == 1
+            else f"json_group_array(json_array({', '.join(args)}))")
+
+
+# Routing's statements are built once per shape (`Shape`) and take every value that varies
+# from one update to the next as a bind parameter, so that SQLAlchemy finds them compiled
+# without building or even hashing them again: routing a small update used to spend more
+# time constructing SQL in Python than the database spent running it. These are the
+# parameters every statement shares. No parameter is named after a column of `updates`: an
+# UPDATE of that table (`_MARK_ROUTED`, also inside `_push_deliveries`) would take it for a
+# value to SET.
+_UPDATE_ID = sa.bindparam("update_id", type_=sa.Uuid)
+_CHAIN_ID = sa.bindparam("chain", type_=sa.Uuid)
+_NOW = sa.bindparam("now", type_=UTCDateTime())
+
+_UPDATES: sa.Table = Update.__table__  # type: ignore[assignment]
+_INBOX: sa.Table = InboxItem.__table__  # type: ignore[assignment]
+_DELIVERIES: sa.Table = Delivery.__table__  # type: ignore[assignment]
+
+#: Which kinds of target a `Targets` names (organisations, groups, provinces): the shape of
+#: its SQL; the ids and codes themselves are parameters `<prefix>_organisations` and so on.
+TargetParts = tuple[bool, bool, bool]
+
+
 @dataclass(frozen=True)
 class Targets:
     organisations: frozenset[uuid.UUID] = frozenset()
@@ -86,23 +134,46 @@ class Targets:
     def __bool__(self) -> bool:
         return bool(self.organisations or self.groups or self.provinces)
 
-    def organisation_ids(self) -> sa.Select[Any]:
-        """Every organisation these targets name: listed, group members, municipalities of
-        the provinces."""
-        parts: list[sa.Select[Any]] = []
-        if self.organisations:
-            parts.append(sa.select(Organisation.id.label("org"))
-                         .where(Organisation.id.in_(self.organisations)))
-        if self.groups:
-            parts.append(sa.select(GroupMember.organisation_id.label("org"))
-                         .where(GroupMember.group_id.in_(self.groups)))
-        if self.provinces:
-            parts.append(sa.select(Organisation.id.label("org"))
-                         .where(Organisation.kind == Kind.municipality,
-                                Organisation.province_nis.in_(self.provinces)))
-        if not parts:
-            return sa.select(Organisation.id.label("org")).where(sa.false())
-        return parts[0] if len(parts) == 1 else sa.union(*parts)  # type: ignore[return-value]
+    @property
+    def parts(self) -> TargetParts:
+        return bool(self.organisations), bool(self.groups), bool(self.provinces)
+
+    def params(self, prefix: str) -> dict[str, Any]:
+        """The values for `organisation_ids(self.parts, prefix)`."""
+        return {f"{prefix}_organisations": sorted(self.organisations),
+                f"{prefix}_groups": sorted(self.groups),
+                f"{prefix}_provinces": sorted(self.provinces)}
+
+
+def organisation_ids(parts: TargetParts, prefix: str) -> sa.Select[Any]:
+    """Every organisation some targets name: listed, group members, municipalities of the
+    provinces (the lists are the parameters of `Targets.params(prefix)`)."""
+    organisations, groups, provinces = parts
+    selects: list[sa.Select[Any]] = []
+    if organisations:
+        selects.append(sa.select(Organisation.id.label("org")).where(
+            Organisation.id.in_(sa.bindparam(f"{prefix}_organisations", expanding=True))))
+    if groups:
+        selects.append(sa.select(GroupMember.organisation_id.label("org")).where(
+            GroupMember.group_id.in_(sa.bindparam(f"{prefix}_groups", expanding=True))))
+    if provinces:
+        selects.append(sa.select(Organisation.id.label("org")).where(
+            Organisation.kind == Kind.municipality,
+            Organisation.province_nis.in_(sa.bindparam(f"{prefix}_provinces", expanding=True))))
+    if not selects:
+        return sa.select(Organisation.id.label("org")).where(sa.false())
+    return selects[0] if len(selects) == 1 else sa.union(*selects)  # type: ignore[return-value]
+
+
+class Shape(NamedTuple):
+    """What the SQL of a plan's statements depends on (the rest are parameters)."""
+
+    restricted: bool
+    #: Whether the update has topics: without, no topic filter can match.
+    topics: bool
+    audience: TargetParts | None
+    route_rules: tuple[TargetParts, ...]
+    suppressed: tuple[TargetParts, ...]
 
 
 @dataclass(frozen=True)
@@ -116,6 +187,34 @@ class Plan:
     suppressed: list[Targets]
     update_id: uuid.UUID | None
 
+    def shape(self) -> Shape:
+        return Shape(restricted=self.classification is Classification.restricted,
+                     topics=bool(self.facts.topic_ids_with_ancestors),
+                     audience=self.audience.parts if self.audience is not None else None,
+                     route_rules=tuple(targets.parts for _, targets in self.route_rules),
+                     suppressed=tuple(targets.parts for targets in self.suppressed))
+
+    def params(self) -> dict[str, Any]:
+        """The bind parameters of the statements built for `shape()`."""
+        facts = self.facts
+        params: dict[str, Any] = {
+            "update_id": self.update_id,
+            "publisher": facts.publisher_id,
+            "topic_ids": sorted(facts.topic_ids_with_ancestors),
+            "level_bit": matching.LEVEL_BITS[facts.publisher_level],
+            "prevention_bit": matching.PREVENTION_BITS[facts.prevention_level],
+            "priority_rank": matching.PRIORITY_RANK[facts.priority],
+            "roles": facts.roles_mask,
+        }
+        if self.audience is not None:
+            params.update(self.audience.params("audience"))
+        for i, (rule_id, targets) in enumerate(self.route_rules):
+            params[f"rule{i}_id"] = rule_id
+            params.update(targets.params(f"rule{i}"))
+        for i, targets in enumerate(self.suppressed):
+            params.update(targets.params(f"suppress{i}"))
+        return params
+
 
 def topic_ancestors(session: Session, topic_ids: frozenset[uuid.UUID]) -> frozenset[uuid.UUID]:
     """The topics and all their ancestors (one recursive query)."""
@@ -126,6 +225,30 @@ def topic_ancestors(session: Session, topic_ids: frozenset[uuid.UUID]) -> frozen
     tree = tree.union(sa.select(Topic.id, Topic.parent_id)
                       .join(tree, Topic.id == tree.c.parent_id))
     return frozenset(session.scalars(sa.select(tree.c.id)))
+
+
+#: A routing rule as `_matching_rules` takes it: id, action, stored filter, targets.
+RuleRow = tuple[uuid.UUID, RuleAction, dict[str, Any], dict[str, Any] | None]
+
+
+def _matching_rules(session: Session, facts: matching.UpdateFacts, rules: list[RuleRow]
+                    ) -> tuple[list[tuple[uuid.UUID, Targets]], list[Targets]]:
+    """The route rules (with their targets) and suppress targets of the rules that match."""
+    route_rules: list[tuple[uuid.UUID, Targets]] = []
+    suppressed: list[Targets] = []
+    for rule_id, action, rule_filter, targets in rules:
+        if matching.filter_matches(compile_stored_filter(session, rule_filter), facts):
+            if action is RuleAction.route:
+                route_rules.append((rule_id, Targets.from_json(targets)))
+            else:
+                suppressed.append(Targets.from_json(targets))
+    return route_rules, suppressed
+
+
+def _active_rules() -> sa.Select[Any]:
+    r = RoutingRule
+    return sa.select(r.id, r.action, r.filter, r.targets).where(r.active.is_(True),
+                                                               r.deleted_at.is_(None))
 
 
 def make_plan(session: Session, *, publisher_id: uuid.UUID, topic_ids: frozenset[uuid.UUID],
@@ -141,16 +264,9 @@ def make_plan(session: Session, *, publisher_id: uuid.UUID, topic_ids: frozenset
     route_rules: list[tuple[uuid.UUID, Targets]] = []
     suppressed: list[Targets] = []
     if classification is not Classification.restricted:
-        rules = session.scalars(sa.select(RoutingRule).where(RoutingRule.active.is_(True),
-                                                             RoutingRule.deleted_at.is_(None))
-                                .order_by(RoutingRule.id))
-        for rule in rules:
-            if matching.filter_matches(compile_stored_filter(session, rule.filter), facts):
-                targets = Targets.from_json(rule.targets)
-                if rule.action is RuleAction.route:
-                    route_rules.append((rule.id, targets))
-                else:
-                    suppressed.append(targets)
+        rules = [tuple(row) for row in
+                 session.execute(_active_rules().order_by(RoutingRule.id)).all()]
+        route_rules, suppressed = _matching_rules(session, facts, rules)  # type: ignore[arg-type]
     return Plan(facts=facts, classification=classification,
                 audience=Targets.from_json(audience) if audience else None,
                 route_rules=route_rules, suppressed=suppressed, update_id=update_id)
@@ -165,63 +281,199 @@ def plan_for_update(session: Session, update: Update) -> Plan:
                      audience=update.audience, update_id=update.id)
 
 
-def matching_subscriptions(facts: matching.UpdateFacts) -> sa.Select[Any]:
-    """Subscriptions whose filter matches: `matching.filter_matches`, said in SQL."""
+def _read_update_statement() -> sa.Select[Any]:
+    """Everything routing reads, in one statement: the update row, locked (`FOR UPDATE OF
+    updates` on PostgreSQL; SQLite has one writer anyway), with its publisher's level and
+    name, its topics and their ancestors, whether its chain has inbox rows yet, whether any
+    subscription takes push deliveries, and the active routing rules. One round trip
+    instead of six."""
+    u = _UPDATES
+    tree = (sa.select(Topic.id, Topic.parent_id)
+            .join(UpdateTopic, UpdateTopic.topic_id == Topic.id)
+            .where(UpdateTopic.update_id == _UPDATE_ID)
+            .cte("ancestors", recursive=True))
+    tree = tree.union(sa.select(Topic.id, Topic.parent_id)
+                      .join(tree, Topic.id == tree.c.parent_id))
+    rules = _active_rules().subquery("rules")
+    return (
+        sa.select(
+            u, Organisation.level.label("publisher_level"),
+            Organisation.name.label("publisher_name"),
+            sa.select(json_list(UpdateTopic.topic_id)).where(UpdateTopic.update_id == u.c.id)
+            .scalar_subquery().label("topic_ids"),
+            sa.select(json_list(tree.c.id)).scalar_subquery().label("ancestor_ids"),
+            sa.exists().where(InboxItem.chain_id == u.c.chain_id).label("chain_has_items"),
+            sa.exists().where(deliveries.takes_pushes(Subscription)).label("any_push"),
+            sa.select(json_list(rules.c.id, rules.c.action, rules.c.filter, rules.c.targets))
+            .scalar_subquery().label("rules"),
+        )
+        .join(Organisation, Organisation.id == u.c.publisher_id)
+        .where(u.c.id == _UPDATE_ID)
+        .with_for_update(of=u)
+    )
+
+
+_READ_UPDATE = _read_update_statement()
+
+
+def _ids(values: list[Any] | None) -> frozenset[uuid.UUID]:
+    """Ids from a `json_list`: text with dashes (PostgreSQL) or bare hex (SQLite)."""
+    return frozenset(uuid.UUID(str(v)) for v in values or ())
+
+
+def _plan_from_row(session: Session, row: Any) -> Plan:
+    """`plan_for_update`, from what `_READ_UPDATE` read."""
+    facts = matching.UpdateFacts(
+        publisher_id=row.publisher_id, publisher_level=row.publisher_level,
+        topic_ids=_ids(row.topic_ids), topic_ids_with_ancestors=_ids(row.ancestor_ids),
+        prevention_level=row.prevention_level, priority=row.priority,
+        roles_mask=row.roles_mask)
+    route_rules: list[tuple[uuid.UUID, Targets]] = []
+    suppressed: list[Targets] = []
+    if row.classification is not Classification.restricted and row.rules:
+        # In rule id order, as the plan always had them (UUIDs order as their bytes do).
+        rules = sorted((uuid.UUID(str(rule_id)), RuleAction(action), rule_filter, targets)
+                       for rule_id, action, rule_filter, targets in row.rules)
+        route_rules, suppressed = _matching_rules(session, facts, rules)
+    return Plan(facts=facts, classification=row.classification,
+                audience=Targets.from_json(row.audience) if row.audience else None,
+                route_rules=route_rules, suppressed=suppressed, update_id=row.id)
+
+
+def matching_subscriptions(topics: bool) -> sa.Select[Any, Any, Any]:
+    """Subscriptions whose filter matches: `matching.filter_matches`, said in SQL. The
+    update's facts are parameters (`Plan.params`); `topics`: whether it has any."""
     s = Subscription
     topic_ok = sa.or_(
         s.has_topic_filter.is_(False),
         sa.exists().where(SubscriptionTopic.subscription_id == s.id,
-                          SubscriptionTopic.topic_id.in_(facts.topic_ids_with_ancestors))
-        if facts.topic_ids_with_ancestors else sa.false(),
+                          SubscriptionTopic.topic_id.in_(
+                              sa.bindparam("topic_ids", expanding=True)))
+        if topics else sa.false(),
     )
     publisher_ok = sa.or_(
         s.has_publisher_filter.is_(False),
         sa.exists().where(SubscriptionPublisher.subscription_id == s.id,
-                          SubscriptionPublisher.publisher_id == facts.publisher_id),
+                          SubscriptionPublisher.publisher_id
+                          == sa.bindparam("publisher", type_=sa.Uuid)),
     )
     return sa.select(s.organisation_id.label("org"), sa.literal("subscription").label("kind"),
                      s.id.label("source")).where(
         s.active.is_(True), topic_ok, publisher_ok,
-        s.publisher_levels_mask.op("&")(matching.LEVEL_BITS[facts.publisher_level]) != 0,
-        s.prevention_levels_mask.op("&")(matching.PREVENTION_BITS[facts.prevention_level]) != 0,
-        s.min_priority_rank <= matching.PRIORITY_RANK[facts.priority],
-        s.roles_mask.op("&")(facts.roles_mask) != 0,
+        s.publisher_levels_mask.op("&")(sa.bindparam("level_bit", type_=sa.Integer)) != 0,
+        s.prevention_levels_mask.op("&")(sa.bindparam("prevention_bit", type_=sa.Integer))
+        != 0,
+        s.min_priority_rank <= sa.bindparam("priority_rank", type_=sa.Integer),
+        s.roles_mask.op("&")(sa.bindparam("roles", type_=sa.Integer)) != 0,
     )
 
 
-def candidates(plan: Plan) -> sa.Select[Any]:
+def candidates(shape: Shape) -> sa.Select[Any]:
     """Rows (org, kind, source) of every reason an organisation receives the update."""
     parts: list[sa.Select[Any]] = []
-    if plan.classification is Classification.restricted:
-        assert plan.audience is not None, "validate_draft refuses a restricted update without one"
-        audience = plan.audience.organisation_ids().subquery()
+    if shape.restricted:
+        assert shape.audience is not None, "validate_draft refuses a restricted update without one"
+        audience = organisation_ids(shape.audience, "audience").subquery()
         parts.append(sa.select(audience.c.org, sa.literal("audience").label("kind"),
-                               sa.literal(plan.update_id, sa.Uuid).label("source")))
+                               _UPDATE_ID.label("source")))
     else:
-        parts.append(matching_subscriptions(plan.facts))
-        for rule_id, targets in plan.route_rules:
-            sub = targets.organisation_ids().subquery()
+        parts.append(matching_subscriptions(shape.topics))
+        for i, rule in enumerate(shape.route_rules):
+            sub = organisation_ids(rule, f"rule{i}").subquery()
             parts.append(sa.select(sub.c.org, sa.literal("rule").label("kind"),
-                                   sa.literal(rule_id, sa.Uuid).label("source")))
+                                   sa.bindparam(f"rule{i}_id", type_=sa.Uuid).label("source")))
     union = (parts[0] if len(parts) == 1 else sa.union_all(*parts)).subquery("reasons")
     stmt = sa.select(union.c.org, union.c.kind, union.c.source)
-    if plan.classification is not Classification.restricted:
-        if plan.audience is not None:
-            stmt = stmt.where(union.c.org.in_(plan.audience.organisation_ids()))
-        for targets in plan.suppressed:
-            stmt = stmt.where(union.c.org.not_in(targets.organisation_ids()))
+    if not shape.restricted:
+        if shape.audience is not None:
+            stmt = stmt.where(union.c.org.in_(organisation_ids(shape.audience, "audience")))
+        for i, suppressed in enumerate(shape.suppressed):
+            stmt = stmt.where(union.c.org.not_in(organisation_ids(suppressed, f"suppress{i}")))
     return stmt
 
 
-def _grouped(plan: Plan) -> sa.Select[Any]:
-    rows = candidates(plan).subquery("candidates")
+@lru_cache(maxsize=256)
+def _grouped(shape: Shape) -> sa.Select[Any]:
+    rows = candidates(shape).subquery("candidates")
     return (sa.select(rows.c.org, reasons_agg(rows.c.kind, rows.c.source).label("reasons"))
             .group_by(rows.c.org))
 
 
-def _insert(session: Session) -> Any:
-    return (postgresql.insert if session.get_bind().dialect.name == "postgresql"
-            else sqlite.insert)
+def _insert(dialect: str) -> Any:
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+@lru_cache(maxsize=256)
+def _inbox_insert(dialect: str, shape: Shape, fresh_chain: bool) -> Any:
+    """INSERT … SELECT of the inbox rows: plain for a chain's first routing, else an upsert.
+    Parameters: `Plan.params` and chain, needs_ack, now."""
+    grouped = _grouped(shape).subquery("grouped")
+    insert = _insert(dialect)(_INBOX).from_select(
+        ["chain_id", "organisation_id", "update_id", "reasons", "needs_ack", "received_at",
+         "delivered_at"],
+        sa.select(_CHAIN_ID, grouped.c.org, _UPDATE_ID, grouped.c.reasons,
+                  sa.bindparam("needs_ack", type_=sa.Boolean), _NOW, _NOW)
+        # SQLite needs a WHERE here to tell the upsert's ON CONFLICT from a join condition.
+        .where(sa.true()),
+    )
+    if not fresh_chain:
+        item = _INBOX.c
+        new_version = item.update_id != insert.excluded.update_id
+        insert = insert.on_conflict_do_update(
+            index_elements=["chain_id", "organisation_id"],
+            set_={
+                "update_id": insert.excluded.update_id,
+                "reasons": insert.excluded.reasons,
+                "needs_ack": insert.excluded.needs_ack,
+                "received_at": sa.case((new_version, insert.excluded.received_at),
+                                       else_=item.received_at),
+                "read_at": sa.case((new_version, None), else_=item.read_at),
+                "acked_at": sa.case((new_version, None), else_=item.acked_at),
+            },
+        )
+    # SQLAlchemy reports an INSERT's rowcount only when asked to (else -1 on PostgreSQL).
+    return insert.execution_options(preserve_rowcount=True)
+
+
+#: The update is routed: what `route_update` writes on the update row last.
+_MARK_ROUTED = (sa.update(_UPDATES).where(_UPDATES.c.id == _UPDATE_ID)
+                .values(routed_at=_NOW,
+                        recipient_count=sa.bindparam("recipients", type_=sa.Integer),
+                        status=UpdateStatus.published))
+
+
+@lru_cache(maxsize=256)
+def _push_deliveries(dialect: str, shape: Shape, correction: bool, urgent: bool) -> Any:
+    """Deliveries for the recipients' webhook and e-mail subscriptions (see
+    `deliveries.update_deliveries_insert`); a correction also goes to every subscription
+    that was pushed an earlier version.
+
+    On PostgreSQL the same statement also marks the update routed and answers the channels
+    of the update's pending deliveries if it created any (`deliveries.senders_to_wake`,
+    which sees the deliveries just inserted as a later statement would): one round trip
+    for three. Parameters: as `_inbox_insert`'s, and event_type, payload, recipients."""
+    matched = matching_subscriptions(shape.topics).subquery()
+    subscription_ids = sa.select(matched.c.source)
+    if correction:
+        earlier = (sa.select(Delivery.subscription_id)
+                   .join(Update, Update.id == Delivery.update_id)
+                   .where(Update.chain_id == _CHAIN_ID, Update.id != _UPDATE_ID))
+        subscription_ids = sa.union(subscription_ids, earlier)  # type: ignore[assignment]
+    directed = [organisation_ids(rule, f"rule{i}") for i, rule in enumerate(shape.route_rules)]
+    if shape.restricted and shape.audience is not None:
+        directed.append(organisation_ids(shape.audience, "audience"))
+    directed_orgs = (None if not directed else directed[0] if len(directed) == 1
+                     else sa.union(*directed))
+    insert = deliveries.update_deliveries_insert(dialect, subscription_ids,
+                                                 directed_orgs, urgent)  # type: ignore[arg-type]
+    if dialect != "postgresql":
+        return insert
+    created = insert.returning(_DELIVERIES.c.channel).cte("created")
+    earlier_pending = sa.select(_DELIVERIES.c.channel).where(
+        _DELIVERIES.c.update_id == _UPDATE_ID, _DELIVERIES.c.status == DeliveryStatus.pending,
+        sa.exists(sa.select(created.c.channel)))
+    return (sa.union(sa.select(created.c.channel), earlier_pending)
+            .add_cte(_MARK_ROUTED.cte("routed")))
 
 
 @dataclass(frozen=True)
@@ -233,6 +485,17 @@ class RoutingResult:
     wake: tuple[str, ...] = ()
 
 
+def _refresh_loaded(session: Session, row: Any, **routed: Any) -> None:
+    """An `Update` the session already holds shows what the database holds once routing is
+    done, as when routing read it through the session (`populate_existing`) and set the
+    routing columns on it: routing reads and writes plain rows, not the ORM object."""
+    update = session.identity_map.get(identity_key(Update, row.id))
+    if update is not None:
+        for column in _UPDATES.c:
+            set_committed_value(update, column.key,
+                                routed.get(column.key, row._mapping[column.key]))
+
+
 def route_update(session: Session, update_id: uuid.UUID,
                  outbox_id: int | None = None) -> RoutingResult:
     """Route one update version to its recipients' inboxes, in one transaction.
@@ -240,100 +503,73 @@ def route_update(session: Session, update_id: uuid.UUID,
     Idempotent: the update row is locked and `routed_at` guards against a second run; if a
     worker dies half-way the transaction rolls back and a re-run starts clean. The unique
     (chain, organisation) key absorbs any repeat. Commits once.
+
+    On PostgreSQL a first version takes three statements and the commit: read (and lock),
+    insert the inbox rows, insert the deliveries (and mark the update routed).
     """
-    update = session.get(Update, update_id, with_for_update=True, populate_existing=True)
-    if update is None:
+    if session.autoflush:
+        session.flush()  # as the ORM read of the update that opened this used to
+    connection = session.connection()
+    dialect = connection.dialect.name
+    row = connection.execute(_READ_UPDATE, {"update_id": update_id}).one_or_none()
+    if row is None:
         outbox.mark_completed(session, outbox_id)
         session.commit()
         return RoutingResult(update_id, 0)
-    if update.routed_at is not None or update.status is UpdateStatus.withdrawn:
+    if row.routed_at is not None or row.status is UpdateStatus.withdrawn:
         outbox.mark_completed(session, outbox_id)
         session.commit()
-        return RoutingResult(update_id, update.recipient_count or 0, already_routed=True)
+        _refresh_loaded(session, row)
+        return RoutingResult(update_id, row.recipient_count or 0, already_routed=True)
     now = get_settings().now()
-    if update.publish_at > now:
+    if row.publish_at > now:
         session.rollback()  # not due yet; the outbox row stays pending for its time
         return RoutingResult(update_id, 0)
 
-    plan = plan_for_update(session, update)
-    if session.get_bind().dialect.name == "postgresql":
-        # The planner overestimates the OR'd EXISTS filters and would JIT-compile a statement
-        # that runs in a few seconds; compiling costs more than it saves here.
-        session.execute(sa.text("SET LOCAL jit = off"))
-    grouped = _grouped(plan).subquery("grouped")
-    insert = _insert(session)(InboxItem).from_select(
-        ["chain_id", "organisation_id", "update_id", "reasons", "needs_ack", "received_at",
-         "delivered_at"],
-        sa.select(sa.literal(update.chain_id, sa.Uuid), grouped.c.org,
-                  sa.literal(update.id, sa.Uuid), grouped.c.reasons,
-                  sa.literal(update.priority is Priority.urgent),
-                  sa.literal(now, InboxItem.received_at.type),
-                  sa.literal(now, InboxItem.delivered_at.type))
-        # SQLite needs a WHERE here to tell the upsert's ON CONFLICT from a join condition.
-        .where(sa.true()),
-    )
+    plan = _plan_from_row(session, row)
+    shape = plan.shape()
+    params = plan.params()
+    params.update(chain=row.chain_id, needs_ack=row.priority is Priority.urgent, now=now)
     # A first version of a chain has no inbox rows yet (the lock and `routed_at` see to
     # that), so a plain INSERT will do; the upsert is for corrections and forced re-runs.
-    fresh_chain = update.version == 1 and session.scalar(
-        sa.select(sa.func.count()).select_from(
-            sa.select(InboxItem.organisation_id)
-            .where(InboxItem.chain_id == update.chain_id).limit(1).subquery())) == 0
-    new_version = InboxItem.update_id != insert.excluded.update_id
-    upsert = insert.on_conflict_do_update(
-        index_elements=["chain_id", "organisation_id"],
-        set_={
-            "update_id": insert.excluded.update_id,
-            "reasons": insert.excluded.reasons,
-            "needs_ack": insert.excluded.needs_ack,
-            "received_at": sa.case((new_version, insert.excluded.received_at),
-                                   else_=InboxItem.received_at),
-            "read_at": sa.case((new_version, None), else_=InboxItem.read_at),
-            "acked_at": sa.case((new_version, None), else_=InboxItem.acked_at),
-        },
-    )
-    statement = insert if fresh_chain else upsert
-    # SQLAlchemy reports an INSERT's rowcount only when asked to (else -1 on PostgreSQL).
-    count = rowcount(session.execute(statement.execution_options(preserve_rowcount=True)))
-    if update.version > 1 and update.classification is not Classification.restricted:
+    # (`chain_has_items` is read with the lock, in the same statement: whoever held the lock
+    # before us and wrote inbox rows of this chain was routing this update, and set
+    # `routed_at`, which the lock does show.)
+    fresh_chain = row.version == 1 and not row.chain_has_items
+    count = rowcount(connection.execute(_inbox_insert(dialect, shape, fresh_chain), params))
+    if row.version > 1 and row.classification is not Classification.restricted:
         # A correction reaches the earlier recipients again, even those it no longer matches.
+        # (Through the session: it updates any inbox items the session holds, as before.)
         count += rowcount(session.execute(
             sa.update(InboxItem)
-            .where(InboxItem.chain_id == update.chain_id, InboxItem.update_id != update.id)
-            .values(update_id=update.id, received_at=now, delivered_at=now, read_at=None,
-                    acked_at=None, needs_ack=update.priority is Priority.urgent)
+            .where(InboxItem.chain_id == row.chain_id, InboxItem.update_id != row.id)
+            .values(update_id=row.id, received_at=now, delivered_at=now, read_at=None,
+                    acked_at=None, needs_ack=row.priority is Priority.urgent)
         ))
     # The senders are woken after the commit, straight through the broker (workers/tasks.py):
     # no outbox row is needed, since a lost wake-up only waits for the periodic sender run
     # (`delivery_poll_seconds`), the deliveries themselves being rows already committed.
-    wake = (deliveries.senders_to_wake(session, update.id)
-            if _create_push_deliveries(session, update, plan) else ())
-    update.routed_at = now
-    update.recipient_count = count
-    update.status = UpdateStatus.published
+    wake: tuple[str, ...] = ()
+    params["recipients"] = count
+    # No subscription takes push deliveries (read with the update): then the deliveries
+    # statement would insert nothing and is not sent. (A push subscription committed since
+    # then misses this update, as it would had it been committed just after that statement.)
+    if row.any_push:
+        event_type = events.CORRECTED if row.version > 1 else events.PUBLISHED
+        params.update(event_type=event_type, payload=events.update_event(
+            row, events.Publisher(row.publisher_id, row.publisher_name), event_type, now))
+        push = _push_deliveries(dialect, shape, row.version > 1, row.priority is Priority.urgent)
+        if dialect == "postgresql":  # which also marks the update routed
+            wake = deliveries.wake_tasks(connection.execute(push, params).scalars())
+        elif rowcount(connection.execute(push, params)):
+            wake = deliveries.senders_to_wake(session, row.id)
+    if not (row.any_push and dialect == "postgresql"):
+        connection.execute(_MARK_ROUTED, params)
     outbox.mark_completed(session, outbox_id)
     session.commit()
+    _refresh_loaded(session, row, routed_at=now, recipient_count=count,
+                    status=UpdateStatus.published)
     return RoutingResult(update_id, count, wake=wake)
-
-
-def _create_push_deliveries(session: Session, update: Update, plan: Plan) -> int:
-    """Deliveries for the recipients' webhook and e-mail subscriptions (see
-    `deliveries.create_update_deliveries`); a correction also goes to every subscription
-    that was pushed an earlier version."""
-    matched = matching_subscriptions(plan.facts).subquery()
-    subscription_ids = sa.select(matched.c.source)
-    if update.version > 1:
-        earlier = (sa.select(Delivery.subscription_id)
-                   .join(Update, Update.id == Delivery.update_id)
-                   .where(Update.chain_id == update.chain_id, Update.id != update.id))
-        subscription_ids = sa.union(subscription_ids, earlier)  # type: ignore[assignment]
-    directed = [targets.organisation_ids() for _, targets in plan.route_rules]
-    if plan.classification is Classification.restricted and plan.audience is not None:
-        directed.append(plan.audience.organisation_ids())
-    directed_orgs = (None if not directed else directed[0] if len(directed) == 1
-                     else sa.union(*directed))
-    event_type = events.CORRECTED if update.version > 1 else events.PUBLISHED
-    return deliveries.create_update_deliveries(session, update, subscription_ids,
-                                               directed_orgs, event_type)  # type: ignore[arg-type]
 
 
 def announce_withdrawal(session: Session, update_id: uuid.UUID,
@@ -359,10 +595,11 @@ class PreviewRecipient:
 
 def preview(session: Session, plan: Plan) -> list[PreviewRecipient]:
     """Who would receive an update and why, without writing anything."""
-    grouped = _grouped(plan).subquery("grouped")
+    grouped = _grouped(plan.shape()).subquery("grouped")
     rows = session.execute(
         sa.select(Organisation.id, Organisation.name, grouped.c.reasons)
-        .join(grouped, grouped.c.org == Organisation.id).order_by(Organisation.name)
+        .join(grouped, grouped.c.org == Organisation.id).order_by(Organisation.name),
+        plan.params(),
     ).all()
     return [PreviewRecipient(org_id, name, normalise_reasons(reasons))
             for org_id, name, reasons in rows]
