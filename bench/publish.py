@@ -6,10 +6,11 @@ benchmark database. Every request is a real publish: `POST /v1/updates` with
 `Authorization: Bearer <key>` (a key with the `publish` scope, issued through the use case)
 and a ~1 kB JSON body (title, summary, body, one topic). The API authenticates the key,
 validates the draft, writes the update, its topic row, the routing outbox row and the audit
-entry in one transaction, commits and answers 202; right after the commit, the relay's fast
-path hands the routing task to the broker from the API's process (claim the due outbox rows,
-send them, mark them dispatched, commit: `api/dispatch.py` runs it in a thread of its own, so
-under load one pass serves several requests), and its CPU counts too. The broker is kombu's
+entry in one statement, commits and answers 202. The outbox's trigger notifies the relay at
+the commit; the relay runs as deployed beside the API (`doorstroom relay`, a process of its
+own; the scheduler runs the same loop) and hands the routing task to the broker at once
+(claim and mark the due rows, send, commit; one pass serves whatever was committed since the
+last), and its CPU is reported too. The broker is kombu's
 in-memory transport (`memory://`, as every workload here runs): the handoff's Python work
 is measured, but no broker server is, and nothing consumes the tasks (no worker runs, so no
 routing happens). Rate limiting is off (no `DOORSTROOM_REDIS_URL`,
@@ -56,6 +57,7 @@ from bench.common import Measurement, Row, median, percentile, relative_row
 from tests.processes import (
     Api,
     Process,
+    Relay,
     accepts_connections,
     free_port,
     process_env,
@@ -295,12 +297,16 @@ class PublishBench:
             conn.exec_driver_sql("CHECKPOINT")
 
     def one_run(self, server: Process, url: str, clients: int, warm_up_s: float,
-                window_s: float) -> dict[str, Any]:
+                window_s: float, relay: Process | None = None) -> dict[str, Any]:
         self.settle()
 
         def watch() -> dict[str, float]:
             server.check_alive()
-            return {"API process": cpu_seconds(server.pid)}
+            cpu = {"API process": cpu_seconds(server.pid)}
+            if relay is not None:
+                relay.check_alive()
+                cpu["relay process"] = cpu_seconds(relay.pid)
+            return cpu
 
         headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
         result = asyncio.run(drive(url, headers, self.parts, clients, warm_up_s, window_s,
@@ -324,8 +330,8 @@ class PublishBench:
                 "baseline_rows": conn.exec_driver_sql(f"SELECT count(*) FROM {TABLE}"
                                                       ).scalar_one()}
 
-    def measure(self, product: Api, bare: BareApi, clients: int, runs: int, warm_up_s: float,
-                window_s: float) -> dict[str, Any]:
+    def measure(self, product: Api, relay: Relay, bare: BareApi, clients: int, runs: int,
+                warm_up_s: float, window_s: float) -> dict[str, Any]:
         sides: dict[str, tuple[Process, str]] = {
             "product": (product, f"{product.base_url}/v1/updates"),
             "baseline": (bare, f"{bare.base_url}/v1/updates")}
@@ -334,11 +340,15 @@ class PublishBench:
             order = ("baseline", "product") if i % 2 == 0 else ("product", "baseline")
             for side in order:
                 server, url = sides[side]
-                results[side].append(self.one_run(server, url, clients, warm_up_s, window_s))
+                results[side].append(self.one_run(server, url, clients, warm_up_s, window_s,
+                                                  relay if side == "product" else None))
             p, b = results["product"][-1], results["baseline"][-1]
             self.log(f"  run {i + 1}/{runs}: " + "; ".join(
                 f"{side} {r['rate']:,.0f}/s (p50 {r['p50_ms']:.0f} ms, API CPU "
-                f"{r['cpu_ms_per_request']['API process']:.2f} ms/request, machine busy "
+                f"{r['cpu_ms_per_request']['API process']:.2f} ms/request"
+                + (f", relay CPU {r['cpu_ms_per_request']['relay process']:.2f} ms/request"
+                   if "relay process" in r["cpu_ms_per_request"] else "")
+                + ", machine busy "
                 f"{r['machine_busy']:.0%}, {sum(r['errors'].values())} errors)"
                 for side, r in (("product", p), ("baseline", b))))
         return results
@@ -362,24 +372,29 @@ def run(engine: sa.engine.Engine, *, quick: bool, log: Callable[[str], None],
     options = serving_options(free_port())
     log_dir = Path(tempfile.mkdtemp(prefix="doorstroom-bench-p2-"))
     product = Api(env, log_dir, ready_timeout=READY_TIMEOUT_S)
+    relay = Relay(env, log_dir, ready_timeout=READY_TIMEOUT_S)
     bare = BareApi(env, log_dir, options)
     ok = False
     try:
         started = time.perf_counter()
         # Both import while the publisher, its key and the baseline's table are made.
         product.launch()
+        relay.launch()
         bare.launch()
         bench.prepare()
         product.wait_ready()
+        relay.wait_ready()
         bare.wait_ready()
-        log(f"P2: product API and bare app ready in {time.perf_counter() - started:.1f} s; "
+        log(f"P2: product API, its relay and the bare app ready in "
+            f"{time.perf_counter() - started:.1f} s; "
             f"{clients} clients, {runs} run(s) per side of {warm_up_s:g} s warm-up + "
             f"{window_s:g} s measured; uvicorn.run options "
             f"{ {k: v for k, v in options.items() if k != 'port'} }")
-        results = bench.measure(product, bare, clients, runs, warm_up_s, window_s)
+        results = bench.measure(product, relay, bare, clients, runs, warm_up_s, window_s)
         ok = True
     finally:
         bare.stop()
+        relay.stop()
         product.stop()
         if ok:
             shutil.rmtree(log_dir, ignore_errors=True)
@@ -431,8 +446,8 @@ def notes_for(d: dict[str, Any]) -> list[str]:
                      f"stored {stored['baseline_rows']:,} rows.")
     if stored["outbox_undispatched"]:
         notes.append(f"Note: {stored['outbox_undispatched']:,} routing outbox rows were not "
-                     "handed to the broker (the relay's fast path after commit missed "
-                     "them; the poller, not running here, would send them).")
+                     "handed to the broker by the end (the relay missed their "
+                     "notification; its next poll would send them).")
     return notes
 
 
@@ -455,11 +470,12 @@ def docs_section(m: Measurement) -> list[str]:
         f"{d['body_bytes']:,}-byte JSON body (title numbered per request, summary, Markdown "
         "body, one topic). The API authenticates the key, validates the draft, writes the "
         "update, its topic row, the routing outbox row and the audit entry in one "
-        "transaction, commits and answers 202; right after the commit the relay's fast path "
-        "hands the routing task to the broker from the API's process (claim the due outbox "
-        "rows, send them, mark them dispatched, commit; `api/dispatch.py` runs it in a "
-        "thread of its own, so under load one pass serves several requests), and its CPU "
-        "counts too. The broker is kombu's in-memory transport (`memory://`, as for every "
+        "statement, commits and answers 202. The outbox's trigger notifies the relay at the "
+        "commit, and the relay, run as deployed beside the API (`doorstroom relay`, in a "
+        "process of its own; the scheduler runs the same loop), hands the routing task to "
+        "the broker at once (claim the due rows and mark them dispatched, send, commit; one "
+        "pass serves every row committed since the last), and its CPU is reported too. The "
+        "broker is kombu's in-memory transport (`memory://`, as for every "
         "workload here): the handoff's Python work counts, but no broker server runs, and "
         "no worker consumes the tasks, so no routing happens. Rate limiting is off (no "
         "`DOORSTROOM_REDIS_URL`, `DOORSTROOM_RATE_LIMIT_PER_MINUTE=0`: one key sends far "
@@ -502,7 +518,8 @@ def docs_section(m: Measurement) -> list[str]:
             for r in d["baseline"]) + ".",
         "",
         "CPU time per 2xx answer in the window (medians; from `/proc`: the API's process "
-        "with all its threads, the load generator's process), and how busy the whole "
+        "with all its threads, the product's relay, the load generator's process), and how "
+        "busy the whole "
         "machine was (all CPUs, every process: PostgreSQL, both sides and whatever else "
         "ran). The API's CPU per request depends little on the throughput reached, so it "
         "says where the difference goes even on a busy machine:",
@@ -513,7 +530,8 @@ def docs_section(m: Measurement) -> list[str]:
     ]
     for side in ("product", "baseline"):
         lines.append(f"| {side} | "
-                     + " | ".join(f"{d[f'{side}_cpu'][n]:.2f}" for n in cpu_names)
+                     + " | ".join(f"{d[f'{side}_cpu'][n]:.2f}" if n in d[f"{side}_cpu"]
+                                  else "–" for n in cpu_names)
                      + f" | {median([r['machine_busy'] for r in d[side]]):.0%} |")
     lines += [""] + m.notes + ([""] if m.notes else [])
     return lines

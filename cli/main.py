@@ -75,6 +75,25 @@ def worker(beat: Annotated[bool, typer.Option("--beat", help="embed the schedule
 
 
 @app.command()
+def relay() -> None:
+    """Run the outbox relay alone, in the foreground, until SIGTERM or Ctrl-C (the scheduler
+    runs one as well; two relays never send the same row)."""
+    import logging
+    import signal
+    import threading
+
+    from workers.relay import relay_forever
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    typer.echo("outbox relay running", err=True)
+    relay_forever(stop)
+
+
+@app.command()
 def beat() -> None:
     """Run the scheduler alone (compose runs it as its own service)."""
     from workers.celery_app import celery_app

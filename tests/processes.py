@@ -254,6 +254,19 @@ class Beat(Process):
         self.wait_for_log("outbox relay started", self.ready_timeout)
 
 
+class Relay(Process):
+    """`doorstroom relay`: the outbox relay alone."""
+
+    def __init__(self, env: Mapping[str, str], log_dir: Path, ready_timeout: float = 30.0
+                 ) -> None:
+        self.ready_timeout = ready_timeout
+        super().__init__("relay", [DOORSTROOM, "relay"], env,
+                         log_dir / f"relay-{time.monotonic_ns()}.log")
+
+    def wait_ready(self) -> None:
+        self.wait_for_log("outbox relay running", self.ready_timeout)
+
+
 class RedisServer(Process):
     """A throwaway redis-server on its own port, without persistence: stopping it loses
     whatever it held, like a broker that crashed. Never the shared server on 6379."""

@@ -1,20 +1,25 @@
 """The outbox relay: hands committed outbox rows to the broker.
 
-Two paths: right after a commit (best-effort, short timeout, for latency) and a polling
-thread in the scheduler process that catches whatever the first path missed (a broker
-outage, a crash between commit and send) and runs the sweeper. When the broker is down,
-rows simply wait in PostgreSQL.
+A thread in the scheduler process (`relay_forever`) dispatches what is due, runs the
+sweeper, and then waits: on PostgreSQL until a committed transaction inserted outbox rows
+(the outbox's trigger notifies `OUTBOX_CHANNEL`, which the relay listens to) or the poll
+interval passes, whichever comes first; so work reaches the broker within milliseconds of
+its commit, and the API never talks to the broker. On SQLite, which cannot notify, the
+poll interval bounds the wait and the API's own thread (`api/dispatch.py`) runs the fast
+path after its commits (`dispatch_after_commit`, best effort, short timeout), as the
+workers' tasks do. When the broker is down, rows simply wait in the database.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from typing import Any
 
 from domain import outbox
-from domain.db import session_scope
+from domain.db import get_engine, session_scope
 from domain.settings import get_settings
 from workers.celery_app import celery_app
 
@@ -95,20 +100,110 @@ def dispatch_after_commit() -> None:
         log.warning("dispatch after commit failed: %s", type(exc).__name__)
 
 
-def relay_forever(stop: threading.Event) -> None:
-    settings = get_settings()
-    last_sweep = 0.0
-    while not stop.is_set():
+#: Rows a relay pass claims at most (more wait for the next pass, right after).
+RELAY_BATCH = 500
+#: Passes start at least this far apart (so a burst of commits shares a pass).
+RELAY_WINDOW_SECONDS = 0.005
+
+#: Where the outbox's trigger says that rows were committed (migration 7a1c0e9b2d34).
+OUTBOX_CHANNEL = "doorstroom_outbox"
+
+
+class OutboxSignal:
+    """Waits until outbox rows were committed (PostgreSQL: LISTEN on `OUTBOX_CHANNEL`) or a
+    time has passed. Without a listening connection (SQLite; PostgreSQL unreachable, in
+    which case the next wait tries again) it just waits the time out."""
+
+    def __init__(self) -> None:
+        self.connection: Any = None
+        self.failing = False  # said once per outage, not at every try
+
+    def wait(self, seconds: float, stop: threading.Event) -> None:
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            # In slices, so that `stop` is seen within a second.
+            if self._notified(min(remaining, 1.0), stop):
+                return
+
+    def listen(self) -> None:
+        """Start listening now, before the first pass, so that no commit falls between
+        that pass and the first wait. Best effort: the first wait tries again."""
+        with contextlib.suppress(Exception):
+            self._listening()
+
+    def _notified(self, seconds: float, stop: threading.Event) -> bool:
         try:
-            while dispatch_due() > 0 and not stop.is_set():
-                pass
-            if time.monotonic() - last_sweep >= settings.sweeper_stale_seconds / 2:
-                with session_scope() as session:
-                    outbox.release_stuck(session)
-                last_sweep = time.monotonic()
-        except Exception as exc:  # noqa: BLE001 - keep relaying through outages
-            log.warning("outbox relay pass failed: %s", type(exc).__name__)
-        stop.wait(settings.outbox_poll_seconds)
+            connection = self._listening()
+            if connection is None:
+                stop.wait(seconds)
+                return False
+            notified = any(True for _ in connection.notifies(timeout=seconds, stop_after=1))
+            if notified:  # the rest of this burst is served by the same pass
+                for _ in connection.notifies(timeout=0):
+                    pass
+            if self.failing:
+                log.info("outbox notifications are back")
+                self.failing = False
+            return notified
+        except Exception as exc:  # noqa: BLE001 - fall back to polling until it is back
+            if not self.failing:
+                log.warning("outbox notifications unavailable, polling meanwhile: %s",
+                            type(exc).__name__)
+                self.failing = True
+            self.close()
+            stop.wait(seconds)
+            return False
+
+    def _listening(self) -> Any:
+        if self.connection is not None and not self.connection.closed:
+            return self.connection
+        engine = get_engine()
+        if engine.dialect.name != "postgresql":
+            return None
+        pooled = engine.raw_connection()
+        connection = pooled.driver_connection
+        assert connection is not None
+        pooled.detach()  # its own for as long as it listens, never back in the pool
+        connection.rollback()
+        connection.autocommit = True
+        connection.execute(f"LISTEN {OUTBOX_CHANNEL}")
+        self.connection = connection
+        return connection
+
+    def close(self) -> None:
+        if self.connection is not None:
+            with contextlib.suppress(Exception):  # it is being dropped anyway
+                self.connection.close()
+        self.connection = None
+
+
+def relay_forever(stop: threading.Event, poll_seconds: float | None = None) -> None:
+    """Relay until `stop` is set; between passes wait for a notification, at most
+    `poll_seconds` (`DOORSTROOM_OUTBOX_POLL_SECONDS` unless given)."""
+    settings = get_settings()
+    poll = settings.outbox_poll_seconds if poll_seconds is None else poll_seconds
+    signal = OutboxSignal()
+    signal.listen()
+    last_sweep = 0.0
+    try:
+        while not stop.is_set():
+            passed = time.monotonic()
+            try:
+                # A pass that sent fewer rows than it may has emptied the backlog.
+                while dispatch_due(RELAY_BATCH) == RELAY_BATCH and not stop.is_set():
+                    pass
+                if time.monotonic() - last_sweep >= settings.sweeper_stale_seconds / 2:
+                    with session_scope() as session:
+                        outbox.release_stuck(session)
+                    last_sweep = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - keep relaying through outages
+                log.warning("outbox relay pass failed: %s", type(exc).__name__)
+            signal.wait(poll, stop)
+            # Under load every commit notifies: gather what the next few milliseconds
+            # commit into the same pass, instead of a pass (and a commit) per row.
+            stop.wait(max(0.0, passed + RELAY_WINDOW_SECONDS - time.monotonic()))
+    finally:
+        signal.close()
 
 
 _relay_stop = threading.Event()

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Query, Request, Response, status
 
 from api.deps import CallerDep, SessionDep, SubscriberDep, require
+from api.dispatch import dispatch_soon
 from api.ids import parse_id
 from api.pages import page_response
 from api.problems import responses
@@ -27,7 +28,6 @@ from domain import deliveries, endpoints
 from domain.errors import Forbidden, InvalidInput
 from domain.models import ChannelType, Delivery, DeliveryAttempt, DeliveryStatus, WebhookEndpoint
 from domain.pagination import paginate
-from workers.relay import dispatch_after_commit
 
 router = APIRouter(prefix="/v1", responses=responses(404))
 
@@ -118,7 +118,7 @@ def replay(endpoint_id: str, body: ReplayIn, actor: SubscriberDep,
             raise InvalidInput(f"{name} needs a time zone offset", field=name)
     count = deliveries.replay_endpoint(session, actor, parse_id(endpoint_id, "webhook endpoint"),
                                        body.since, body.until)
-    dispatch_after_commit()
+    dispatch_soon()
     return {"replayed": count}
 
 
@@ -203,5 +203,5 @@ def retry_delivery(delivery_id: str, actor: CallerDep, session: SessionDep) -> d
     """Send again now, under the same `webhook-id`."""
     _ANY_SCOPE(actor)
     delivery = deliveries.retry_delivery(session, actor, parse_id(delivery_id, "delivery"))
-    dispatch_after_commit()
+    dispatch_soon()
     return delivery_out(delivery)
