@@ -165,7 +165,7 @@ def _run_batch(session: Session, now: datetime, tz: ZoneInfo, after: uuid.UUID |
     empty = rowcount(session.execute(
         sa.delete(Bundle).where(Bundle.id.in_(run_ids), Bundle.item_count == 0)
         .execution_options(synchronize_session=False)))
-    subscriptions_table = Subscription.__table__
+    subscriptions_table: sa.Table = Subscription.__table__  # type: ignore[assignment]
     session.execute(
         sa.update(subscriptions_table).where(subscriptions_table.c.id == sa.bindparam("sub_id"))
         .values(bundled_until=sa.bindparam("until")), moved)
@@ -258,7 +258,7 @@ def _fill_webhook_payloads(session: Session, bundle_ids: list[uuid.UUID]) -> Non
     bundles = {bundle.id: bundle for bundle in session.scalars(
         sa.select(Bundle).where(Bundle.id.in_([d.bundle_id for d in deliveries])))}
     contents = bundle_contents(session, list(bundles.values()))
-    table = Delivery.__table__
+    table: sa.Table = Delivery.__table__  # type: ignore[assignment]
     session.execute(
         sa.update(table).where(table.c.id == sa.bindparam("delivery_id"))
         .values(payload=sa.bindparam("body")),
@@ -324,7 +324,7 @@ def bundle_contents(session: Session, bundles: list[Bundle]) -> dict[uuid.UUID, 
             {**head, "state": state, **tail, "reasons": normalised[stored_reasons]})
     result = {}
     for bundle in bundles:
-        sections = []
+        sections: list[dict[str, Any]] = []
         for (topic, publisher), items in grouped[bundle.id].items():
             items.sort(key=lambda item: (item["priority"] != "urgent", item["title"]))
             sections.append({"topic": topic or None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
 from typing import Any
 
@@ -52,7 +53,7 @@ def _parse_uuid(value: Any, field: str) -> uuid.UUID:
         raise InvalidInput(f"{field}: {value!r} is not a valid id", field=field) from exc
 
 
-def _enum_list(values: Any, cls: type, field: str) -> list[Any]:
+def _enum_list(values: Any, cls: type[enum.Enum], field: str) -> list[Any]:
     if values is None:
         return []
     if not isinstance(values, list):
