@@ -108,20 +108,19 @@ class RequestDeadline:
             await self.app(scope, receive, send)
             return
         started = False
-        abandoned = False
+        answer: asyncio.Future[None] | None = None  # the 503, once the deadline passed
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if abandoned:  # we answered already; the late handler's output goes nowhere
+            if answer is not None:  # we answered already; the late output goes nowhere
                 return
             started = True
             await send(message)
 
         def deadline() -> None:
-            nonlocal abandoned
+            nonlocal answer
             if started:
                 return
-            abandoned = True
             response = problems.problem(
                 "service-unavailable",
                 f"the request did not complete within {self.seconds:g} s; retry later",
@@ -137,12 +136,16 @@ class RequestDeadline:
         try:
             await self.app(scope, receive, guarded_send)
         except Exception as exc:
-            if not abandoned:
+            if answer is None:
                 raise
             logging.getLogger("doorstroom.api").warning(
                 "a request abandoned after its deadline failed later: %s", type(exc).__name__)
         finally:
             timer.cancel()
+        if answer is not None:
+            # The handler may end in the very turn the deadline passed: the 503 must be out
+            # before this returns, or the server would find no response and send a 500.
+            await answer
 
 
 #: The deadline answers being sent (a reference keeps each task alive until it is done).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import select
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,8 +58,8 @@ class Base(DeclarativeBase):
 #: open and close a connection per request. Connections are opened on demand, so a worker
 #: process that needs few keeps few.
 POOL_SIZE = 40
-#: Beyond the pool, closed again when returned: the outbox dispatch thread, a handler still
-#: running after its request's deadline, a burst of async work.
+#: Beyond the pool, closed again when returned: a handler still running after its
+#: request's deadline, the SQLite dispatch thread, a burst of async work.
 MAX_OVERFLOW = 10
 
 
@@ -83,9 +84,14 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     # JIT off for every session, set when connecting (so it costs no round trip per use): the
     # statements are OLTP, and the planner overestimates some of them (routing's OR'd EXISTS
     # filters), which would then be JIT-compiled at a cost far above what compiling saves.
-    # Options the caller passes come after, so they can still turn it on.
+    # The operator's options (PGOPTIONS, `?options=` in the URL) and the caller's come after,
+    # so they are kept and can still turn it on: libpq takes one `options`, not several.
     connect_args = kwargs["connect_args"] = dict(kwargs["connect_args"])
-    connect_args["options"] = f"-c jit=off {connect_args.get('options', '')}".strip()
+    url_options = sa.engine.make_url(url).query.get("options")
+    connect_args["options"] = " ".join(
+        part for part in ("-c jit=off", os.environ.get("PGOPTIONS"),
+                          url_options if isinstance(url_options, str) else None,
+                          connect_args.get("options")) if part)
     engine = sa.create_engine(url, **kwargs)
     event.listen(engine, "connect", _mark_fresh)
     event.listen(engine, "checkout", _replace_if_closed_by_server)
@@ -112,10 +118,13 @@ def _replace_if_closed_by_server(dbapi_connection: Any, record: Any, _proxy: Any
     if dbapi_connection.closed:
         raise sa.exc.DisconnectionError("the connection was closed")
     try:
-        readable, _, _ = select.select([dbapi_connection.fileno()], [], [], 0)
-    except (OSError, ValueError) as exc:
+        descriptor = dbapi_connection.fileno()
+    except Exception as exc:  # noqa: BLE001 - no socket: nothing to hand out
         raise sa.exc.DisconnectionError("the connection's socket is gone") from exc
-    if readable:
+    # poll, not select: select cannot watch a descriptor numbered 1024 or higher.
+    poller = select.poll()
+    poller.register(descriptor, select.POLLIN | select.POLLPRI)
+    if poller.poll(0):  # readable, or hung up / in error (always reported)
         raise sa.exc.DisconnectionError("the server closed the connection")
 
 

@@ -62,30 +62,37 @@ def _written(engine: sa.engine.Engine, update_id: uuid.UUID) -> dict[str, int]:
 
 def test_a_plain_publish_commits_its_rows_in_one_autocommit_statement(
         engine: sa.engine.Engine, committed: dict[str, object]) -> None:
+    from domain.db import make_engine
+
     publisher, topics = committed["publisher"], committed["topics"]
-    statements: list[str] = []
+    # One pooled connection, so that the check afterwards sees the very one publish used.
+    single = make_engine(engine.url.render_as_string(hide_password=False), pool_size=1,
+                         max_overflow=0)
+    statements: list[tuple[str, bool]] = []
 
-    def record(_conn, _cursor, statement, *_rest) -> None:  # type: ignore[no-untyped-def]
-        statements.append(statement)
+    def record(_conn, cursor, statement, *_rest) -> None:  # type: ignore[no-untyped-def]
+        statements.append((statement, cursor.connection.autocommit))
 
-    sa.event.listen(engine, "before_cursor_execute", record)
+    sa.event.listen(single, "before_cursor_execute", record)
     try:
-        with Session(engine, expire_on_commit=False) as session:
+        with Session(single, expire_on_commit=False) as session:
             update = publishing.publish(session, actor_for(publisher, "publish"),  # type: ignore[arg-type]
                                         publishing.Draft(title="One statement",
                                                          topics=[topics[1], topics[0]]))
+        sa.event.remove(single, "before_cursor_execute", record)
+        # One statement (no topic lookup before it), sent in autocommit: no BEGIN before
+        # it, no COMMIT after it (psycopg sends those itself, so they do not show here).
+        assert [(s.lstrip()[:4], autocommit) for s, autocommit in statements] == [
+            ("WITH", True)], statements
+        # The pooled connection went back in its usual (transactional) mode.
+        with single.connect() as conn:
+            assert conn.get_isolation_level() != "AUTOCOMMIT"
+            assert conn.connection.dbapi_connection.autocommit is False  # type: ignore[union-attr]
     finally:
-        sa.event.remove(engine, "before_cursor_execute", record)
-    # One round trip: no topic lookup before it, no BEGIN or COMMIT around it (psycopg
-    # sends those itself, so they would not show here: the autocommit check below does).
-    assert len(statements) == 1 and statements[0].lstrip().startswith("WITH"), statements
+        single.dispose()
     assert _written(engine, update.id) == {"updates": 1, "update_topics": 2, "outbox": 1,
                                            "audit": 1}
     assert update.topics == sorted(topics)  # type: ignore[type-var]
-    # The pooled connection went back in its usual (transactional) mode.
-    with engine.connect() as conn:
-        assert conn.get_isolation_level() != "AUTOCOMMIT"
-        assert conn.connection.dbapi_connection.autocommit is False  # type: ignore[union-attr]
 
 
 def test_an_unknown_topic_writes_nothing_and_is_named(

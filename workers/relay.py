@@ -133,10 +133,13 @@ class OutboxSignal:
 
     def _notified(self, seconds: float, stop: threading.Event) -> bool:
         try:
+            reconnecting = self.connection is None or self.connection.closed
             connection = self._listening()
             if connection is None:
                 stop.wait(seconds)
                 return False
+            if reconnecting:  # commits while it was not listening notified nobody
+                return True
             notified = any(True for _ in connection.notifies(timeout=seconds, stop_after=1))
             if notified:  # the rest of this burst is served by the same pass
                 for _ in connection.notifies(timeout=0):
@@ -187,6 +190,9 @@ def relay_forever(stop: threading.Event, poll_seconds: float | None = None) -> N
     last_sweep = 0.0
     try:
         while not stop.is_set():
+            # The broker just failed: claiming and giving back the same rows at every
+            # notification would only churn the table until it is back.
+            stop.wait(max(0.0, _broker_down_until - time.monotonic()))
             passed = time.monotonic()
             try:
                 # A pass that sent fewer rows than it may has emptied the backlog.
