@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -74,3 +75,31 @@ def test_a_stopped_relay_closes_its_listening_connection(
         relay.join(timeout=5)
     assert not relay.is_alive()
     assert listeners() == before
+
+
+def test_doorstroom_relay_runs_the_relay_as_a_process_of_its_own(
+        engine: sa.engine.Engine, migrated_database: str, tmp_path: Path) -> None:
+    """`doorstroom relay` (how P2 runs it, and a deployment that separates it) dispatches
+    a committed row at once and stops on SIGTERM."""
+    from tests.processes import Relay, process_env, wait_until
+
+    relay = Relay(process_env({"DOORSTROOM_DATABASE_URL": migrated_database,
+                               "DOORSTROOM_OUTBOX_POLL_SECONDS": "60"}), tmp_path)
+    row_id = None
+    try:
+        relay.start()
+        with Session(engine) as session:
+            row = outbox.enqueue(session, PROBE_TASK, {})
+            session.commit()
+            row_id = row.id
+        wait_until(lambda: _dispatched_at(engine, row_id) is not None, 5,
+                   interval=0.02, message=lambda: f"not dispatched: {relay.describe()}")
+        relay.stop()
+        assert relay.proc is not None and relay.proc.returncode == 0, relay.describe()
+    finally:
+        relay.stop()
+        with engine.begin() as conn:
+            if row_id is not None:
+                conn.execute(sa.delete(OutboxMessage).where(OutboxMessage.id == row_id))
+        with celery_app.connection_for_write() as broker:
+            broker.default_channel.queue_purge(DEFAULT_QUEUE)
