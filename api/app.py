@@ -125,9 +125,8 @@ class RequestDeadline:
                 "service-unavailable",
                 f"the request did not complete within {self.seconds:g} s; retry later",
                 headers={"Retry-After": "5"})
+            # Held in `answer` (this request's frame keeps it alive) and awaited below.
             answer = asyncio.ensure_future(response(scope, receive, send))
-            _answers.add(answer)
-            answer.add_done_callback(_answers.discard)
 
         # A timer, not a task per request or wait_for: a handler blocked in a worker thread
         # cannot be cancelled (the thread runs on), so the timer answers in its stead and
@@ -147,9 +146,6 @@ class RequestDeadline:
             # before this returns, or the server would find no response and send a 500.
             await answer
 
-
-#: The deadline answers being sent (a reference keeps each task alive until it is done).
-_answers: set[asyncio.Future[None]] = set()
 
 
 class RefuseNulInUrl:

@@ -272,15 +272,6 @@ def make_plan(session: Session, *, publisher_id: uuid.UUID, topic_ids: frozenset
                 route_rules=route_rules, suppressed=suppressed, update_id=update_id)
 
 
-def plan_for_update(session: Session, update: Update) -> Plan:
-    topic_ids = frozenset(session.scalars(sa.select(UpdateTopic.topic_id)
-                                          .where(UpdateTopic.update_id == update.id)))
-    return make_plan(session, publisher_id=update.publisher_id, topic_ids=topic_ids,
-                     prevention_level=update.prevention_level, priority=update.priority,
-                     roles_mask=update.roles_mask, classification=update.classification,
-                     audience=update.audience, update_id=update.id)
-
-
 def _read_update_statement() -> sa.Select[Any]:
     """Everything routing reads, in one statement: the update row, locked (`FOR UPDATE OF
     updates` on PostgreSQL; SQLite has one writer anyway), with its publisher's level and
@@ -322,7 +313,7 @@ def _ids(values: list[Any] | None) -> frozenset[uuid.UUID]:
 
 
 def _plan_from_row(session: Session, row: Any) -> Plan:
-    """`plan_for_update`, from what `_READ_UPDATE` read."""
+    """The routing plan (`make_plan`), from what `_READ_UPDATE` read."""
     facts = matching.UpdateFacts(
         publisher_id=row.publisher_id, publisher_level=row.publisher_level,
         topic_ids=_ids(row.topic_ids), topic_ids_with_ancestors=_ids(row.ancestor_ids),

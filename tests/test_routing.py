@@ -14,6 +14,7 @@ from domain.models import (
     PreventionLevel,
     Priority,
     Role,
+    UpdateTopic,
 )
 from tests.factories import (
     create_group_with,
@@ -106,7 +107,13 @@ def test_filter_matching(db_session, tree, name, sub_filter, update_fields, expe
     # The pure rule says the same as the SQL statement.
     from domain.filters import compile_stored_filter
 
-    plan = routing.plan_for_update(db_session, update)
+    plan = routing.make_plan(
+        db_session, publisher_id=update.publisher_id,
+        topic_ids=frozenset(db_session.scalars(sa.select(UpdateTopic.topic_id)
+                                               .where(UpdateTopic.update_id == update.id))),
+        prevention_level=update.prevention_level, priority=update.priority,
+        roles_mask=update.roles_mask, classification=update.classification,
+        audience=update.audience, update_id=update.id)
     assert matching.filter_matches(compile_stored_filter(db_session, sub.filter),
                                    plan.facts) is expected
     if expected:
