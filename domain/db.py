@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import select
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -151,16 +152,82 @@ def session_scope() -> Iterator[Session]:
         session.close()
 
 
-def single_statement_connection(session: Session) -> sa.Connection:
-    """The session's connection for a unit of work that is a single statement: in
-    autocommit when the session may choose (bound to an engine, no transaction begun yet),
-    which spares the BEGIN and COMMIT round trips (one statement is atomic on its own);
-    otherwise in the session's transaction (a unit of work already begun, or a test's
-    session inside an outer transaction). The session's commit ends it either way."""
-    if not session.in_transaction() and isinstance(session.get_bind(), Engine):
-        return session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    return session.connection()
+def autocommit_engine(session: Session) -> Engine | None:
+    """The engine a single-statement unit of work of `session` may run on in autocommit
+    (`execute_in_autocommit`): the session's own, when it may choose (bound to an engine,
+    no transaction begun yet). None otherwise (a unit of work already begun, or a test's
+    session inside an outer transaction): the statement then belongs in the session's
+    transaction."""
+    bind = session.get_bind()
+    if not session.in_transaction() and isinstance(bind, Engine):
+        return bind
+    return None
 
+
+@dataclass(frozen=True)
+class DriverStatement:
+    """A Core statement compiled once for a dialect, to run on the driver's own connection
+    (`execute_in_autocommit`).
+
+    For the hottest single-statement units of work (a publish): SQLAlchemy's execution
+    layer (execution context, result wrapping, the connection's transaction bookkeeping)
+    costs about as much CPU as the driver's own work on such a statement (docs/benchmarks.md,
+    P2). The values still go through each column type's bind processing, so they are
+    stored exactly as a Core execution would store them."""
+
+    sql: str
+    processors: dict[str, Callable[[Any], Any]]
+
+    @classmethod
+    def compile(cls, statement: sa.Executable, dialect: sa.Dialect) -> DriverStatement:
+        compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+        if compiled.positional or compiled.post_compile_params:
+            raise ValueError("a DriverStatement takes named parameters, none expanded later")
+        processors = {}
+        for name, bind in compiled.binds.items():
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                processors[name] = processor
+        return cls(compiled.string, processors)
+
+    def parameters(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        processors = self.processors
+        return {name: processors[name](value) if name in processors else value
+                for name, value in values.items()}
+
+
+def execute_in_autocommit(engine: Engine, statement: DriverStatement,
+                          values: Mapping[str, Any]) -> int:
+    """Run `statement` as a unit of work of its own, in autocommit on one of the engine's
+    pooled connections: one round trip (no BEGIN, no COMMIT; one statement is atomic on
+    its own). Answers the rows it touched. A database error is raised as SQLAlchemy's
+    (`DBAPIError` and its kinds), as from any execution; a lost connection is discarded
+    from the pool and flagged `connection_invalidated`."""
+    parameters = statement.parameters(values)
+    dialect = engine.dialect
+    pooled = None
+    try:
+        pooled = engine.raw_connection()
+        driver = pooled.driver_connection
+        assert driver is not None
+        driver.autocommit = True
+        try:
+            with driver.cursor() as cursor:
+                cursor.execute(statement.sql, parameters)
+                return max(cursor.rowcount, 0)
+        finally:
+            if not driver.closed:  # back in the pool's usual (transactional) mode
+                driver.autocommit = False
+    except dialect.loaded_dbapi.Error as exc:  # the pool's connect raises them unwrapped too
+        lost = dialect.is_disconnect(exc, pooled.dbapi_connection if pooled else None, None)
+        if lost and pooled is not None:
+            pooled.invalidate(exc)
+        raise sa.exc.DBAPIError.instance(
+            statement.sql, parameters, exc, dialect.loaded_dbapi.Error,
+            connection_invalidated=lost, dialect=dialect) from exc
+    finally:
+        if pooled is not None:
+            pooled.close()
 
 def rowcount(result: Any) -> int:
     """Rows a DML statement touched (0 when the driver does not say: -1 or missing)."""

@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from domain import audit, matching, outbox
-from domain.db import rowcount, single_statement_connection
+from domain.db import DriverStatement, autocommit_engine, execute_in_autocommit, rowcount
 from domain.errors import IdempotencyMismatch, InFlight, InvalidInput, NotFound
 from domain.filters import existing_organisations, topic_ids_for_slugs
 from domain.models import (
@@ -292,19 +292,33 @@ def _insert_publication_pg(session: Session, single: bool, update: dict[str, Any
     """`_insert_publication` on PostgreSQL: one statement, which also looks up the topics
     by slug and writes nothing unless it finds them all (then the error names the unknown
     ones). `single`: the statement is the whole unit of work, so it may run in autocommit
-    (`db.single_statement_connection`)."""
+    on the driver's connection (`db.execute_in_autocommit`)."""
     slugs = update["topics"]
     params = {**{f"u_{k}": v for k, v in update.items()}, "topic_slugs": slugs,
               "topic_count": len(slugs), **{f"o_{k}": v for k, v in outbox_row.items()},
               **{f"a_{k}": v for k, v in audit_entry.items()}}
-    statement = _publication_statement(tuple(update), tuple(outbox_row), tuple(audit_entry))
-    connection = single_statement_connection(session) if single else session.connection()
-    if rowcount(connection.execute(statement, params)) == 0:
+    columns = (tuple(update), tuple(outbox_row), tuple(audit_entry))
+    engine = autocommit_engine(session) if single else None
+
+    def run() -> int:
+        if engine is not None:
+            return execute_in_autocommit(
+                engine, _publication_driver_statement(engine.dialect, *columns), params)
+        return rowcount(session.connection().execute(_publication_statement(*columns),
+                                                     params))
+
+    if run() == 0:
         topic_ids_for_slugs(session, slugs)  # raises InvalidInput, naming the unknown topics
         # All there now: one was created while the statement ran. Its second run sees it.
-        if rowcount(connection.execute(statement, params)) == 0:
+        if run() == 0:
             raise InvalidInput("a topic changed while publishing; send it again",
                                field="topics")
+
+
+@lru_cache
+def _publication_driver_statement(dialect: sa.Dialect, *columns: tuple[str, ...]
+                                  ) -> DriverStatement:
+    return DriverStatement.compile(_publication_statement(*columns), dialect)
 
 
 @lru_cache

@@ -9,11 +9,13 @@ and remove what they wrote.
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from psycopg import pq
 from sqlalchemy.orm import Session
 
 from domain import publishing
@@ -65,25 +67,32 @@ def test_a_plain_publish_commits_its_rows_in_one_autocommit_statement(
     from domain.db import make_engine
 
     publisher, topics = committed["publisher"], committed["topics"]
-    # One pooled connection, so that the check afterwards sees the very one publish used.
+    # One pooled connection, so that the trace follows the very one publish uses.
     single = make_engine(engine.url.render_as_string(hide_password=False), pool_size=1,
                          max_overflow=0)
-    statements: list[tuple[str, bool]] = []
-
-    def record(_conn, cursor, statement, *_rest) -> None:  # type: ignore[no-untyped-def]
-        statements.append((statement, cursor.connection.autocommit))
-
-    sa.event.listen(single, "before_cursor_execute", record)
     try:
-        with Session(single, expire_on_commit=False) as session:
-            update = publishing.publish(session, actor_for(publisher, "publish"),  # type: ignore[arg-type]
-                                        publishing.Draft(title="One statement",
-                                                         topics=[topics[1], topics[0]]))
-        sa.event.remove(single, "before_cursor_execute", record)
-        # One statement (no topic lookup before it), sent in autocommit: no BEGIN before
-        # it, no COMMIT after it (psycopg sends those itself, so they do not show here).
-        assert [(s.lstrip()[:4], autocommit) for s, autocommit in statements] == [
-            ("WITH", True)], statements
+        with single.connect() as conn:
+            driver = conn.connection.driver_connection
+        # libpq's trace of the protocol: every message the client sent, BEGIN and COMMIT
+        # included (the driver sends those itself, so no SQLAlchemy event would show them).
+        with tempfile.TemporaryFile("w+") as trace:
+            driver.pgconn.trace(trace.fileno())
+            driver.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+            try:
+                with Session(single, expire_on_commit=False) as session:
+                    update = publishing.publish(
+                        session, actor_for(publisher, "publish"),  # type: ignore[arg-type]
+                        publishing.Draft(title="One statement", topics=[topics[1], topics[0]]))
+            finally:
+                driver.pgconn.untrace()
+            trace.seek(0)
+            # "F <length> <message> <fields>" for each message the client sent.
+            sent = [(line.split("\t") + [""])[2:4] for line in trace.read().splitlines()
+                    if line.startswith("F\t")]
+        # One statement (no topic lookup before it), no BEGIN before it, no COMMIT after.
+        statements = [text for kind, text in sent if kind in ("Query", "Parse")]
+        assert len(statements) == 1 and "WITH" in statements[0][:20], sent
+        assert [kind for kind, _ in sent].count("Execute") == 1, sent
         # The pooled connection went back in its usual (transactional) mode.
         with single.connect() as conn:
             assert conn.get_isolation_level() != "AUTOCOMMIT"

@@ -102,8 +102,10 @@ def dispatch_after_commit() -> None:
 
 #: Rows a relay pass claims at most (more wait for the next pass, right after).
 RELAY_BATCH = 500
-#: Passes start at least this far apart (so a burst of commits shares a pass).
-RELAY_WINDOW_SECONDS = 0.005
+#: Passes start at least this far apart, so that a burst of commits shares a pass (a pass
+#: costs about as much as sending a few tasks: at 5 ms the relay spent 0.9 ms of CPU per
+#: publish in P2, at 20 ms 0.6). A commit after a quiet spell is relayed at once.
+RELAY_WINDOW_SECONDS = 0.02
 
 #: Where the outbox's trigger says that rows were committed (migration 7a1c0e9b2d34).
 OUTBOX_CHANNEL = "doorstroom_outbox"
