@@ -6,7 +6,7 @@ benchmark database. Every request is a real publish: `POST /v1/updates` with
 `Authorization: Bearer <key>` (a key with the `publish` scope, issued through the use case)
 and a ~1 kB JSON body (title, summary, body, one topic). The API authenticates the key,
 validates the draft, writes the update, its topic row, the routing outbox row and the audit
-entry in one statement, commits and answers 202. The outbox's trigger notifies the relay at
+entry in one statement (autocommit, on the driver's connection) and answers 202. The outbox's trigger notifies the relay at
 the commit; the relay runs as deployed beside the API (`doorstroom relay`, a process of its
 own; the scheduler runs the same loop) and hands the routing task to the broker at once
 (claim and mark the due rows, send, commit; one pass serves whatever was committed since the
@@ -470,11 +470,12 @@ def docs_section(m: Measurement) -> list[str]:
         f"{d['body_bytes']:,}-byte JSON body (title numbered per request, summary, Markdown "
         "body, one topic). The API authenticates the key, validates the draft, writes the "
         "update, its topic row, the routing outbox row and the audit entry in one "
-        "statement, commits and answers 202. The outbox's trigger notifies the relay at the "
-        "commit, and the relay, run as deployed beside the API (`doorstroom relay`, in a "
-        "process of its own; the scheduler runs the same loop), hands the routing task to "
-        "the broker at once (claim the due rows and mark them dispatched, send, commit; one "
-        "pass serves every row committed since the last), and its CPU is reported too. The "
+        "statement (in autocommit, on the driver's connection) and answers 202. The "
+        "outbox's trigger notifies the relay at the commit, and the relay, run as deployed "
+        "beside the API (`doorstroom relay`, in a process of its own; the scheduler runs "
+        "the same loop), hands the routing task to the broker (claim the due rows and mark "
+        "them dispatched, send, commit; one pass serves every row committed since the last, "
+        "and under load passes start at least 20 ms apart), and its CPU is reported too. The "
         "broker is kombu's in-memory transport (`memory://`, as for every "
         "workload here): the handoff's Python work counts, but no broker server runs, and "
         "no worker consumes the tasks, so no routing happens. Rate limiting is off (no "
