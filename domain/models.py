@@ -204,10 +204,11 @@ class Update(Base):
     """One version of an update. Versions of one update share `chain_id` (the first's id)."""
 
     __tablename__ = "updates"
+    # The unique key also serves lookups by chain (its leading column).
     __table_args__ = (sa.UniqueConstraint("chain_id", "version"),)
 
     id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=new_id)
-    chain_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, index=True)
+    chain_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid)
     version: Mapped[int] = mapped_column(sa.Integer, default=1)
     supersedes_id: Mapped[uuid.UUID | None] = mapped_column(sa.ForeignKey("updates.id"))
     publisher_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("organisations.id"), index=True)
