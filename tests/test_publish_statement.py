@@ -115,3 +115,20 @@ def test_an_unknown_topic_writes_nothing_and_is_named(
     with engine.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).select_from(Update)
                            .where(Update.publisher_id == publisher.id)) == 0  # type: ignore[attr-defined]
+
+
+def test_submit_answers_the_receipt_of_what_it_stored_and_keeps_nothing_in_the_session(
+        engine: sa.engine.Engine, committed: dict[str, object]) -> None:
+    """The API's publish: the receipt, without an object of the session."""
+    publisher, topics = committed["publisher"], committed["topics"]
+    with Session(engine) as session:
+        receipt = publishing.submit(session, actor_for(publisher, "publish"),  # type: ignore[arg-type]
+                                    publishing.Draft(title="Receipt", topics=[topics[0]]))
+        assert not session.identity_map and not session.in_transaction()
+    with Session(engine) as session:
+        stored = session.get(Update, receipt.id)
+        assert stored is not None
+        assert (stored.chain_id, stored.version, stored.status, stored.title) == (
+            receipt.chain_id, receipt.version, receipt.status, "Receipt")
+    assert _written(engine, receipt.id) == {"updates": 1, "update_topics": 1, "outbox": 1,
+                                            "audit": 1}

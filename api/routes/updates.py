@@ -56,13 +56,13 @@ def publish_update(body: UpdateCreate, actor: PublisherDep, session: SessionDep,
     if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
         raise InvalidInput("Idempotency-Key is 1 to 200 visible ASCII characters",
                            header="Idempotency-Key")
-    update = publishing.publish(session, actor, draft_from(body), idempotency_key)
+    receipt = publishing.submit(session, actor, draft_from(body), idempotency_key)
     dispatch_soon()
     return JSONResponse(
-        {"id": str(update.id), "chain_id": str(update.chain_id), "version": update.version,
-         "status": update.status.value},
+        {"id": str(receipt.id), "chain_id": str(receipt.chain_id), "version": receipt.version,
+         "status": receipt.status.value},
         status_code=status.HTTP_202_ACCEPTED,
-        headers={"Location": f"/v1/updates/{update.id}"})
+        headers={"Location": f"/v1/updates/{receipt.id}"})
 
 
 @router.get("/updates", response_model=ListOf[UpdateOut])
