@@ -229,6 +229,7 @@ def execute_in_autocommit(engine: Engine, statement: DriverStatement,
         if pooled is not None:
             pooled.close()
 
+
 def rowcount(result: Any) -> int:
     """Rows a DML statement touched (0 when the driver does not say: -1 or missing)."""
     return max(int(getattr(result, "rowcount", 0) or 0), 0)
