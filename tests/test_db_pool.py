@@ -21,6 +21,14 @@ def _backend_pid(engine: sa.engine.Engine) -> int:
         return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
 
 
+def _wait_for(conn: sa.Connection, sql: str, until: bool, failure: str) -> None:
+    """Poll `sql` (a count) until it is nonzero (`until` True) or zero, for 5 s at most."""
+    deadline = time.monotonic() + 5
+    while bool(conn.exec_driver_sql(sql).scalar()) is not until:
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.02)
+
+
 def test_a_healthy_pooled_connection_is_reused(migrated_database: str) -> None:
     engine = make_engine(migrated_database, pool_size=1, max_overflow=0)
     try:
@@ -38,12 +46,9 @@ def test_a_connection_the_server_closed_is_replaced_at_checkout(
         with admin.connect() as conn:
             assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({doomed})").scalar()
         # The backend says goodbye and closes its end shortly after being told to.
-        deadline = time.monotonic() + 5
         with admin.connect() as conn:
-            while conn.exec_driver_sql(
-                    f"SELECT count(*) FROM pg_stat_activity WHERE pid = {doomed}").scalar():
-                assert time.monotonic() < deadline, "the backend did not end"
-                time.sleep(0.02)
+            _wait_for(conn, f"SELECT count(*) FROM pg_stat_activity WHERE pid = {doomed}",
+                      until=False, failure="the backend did not end")
         # No error for the caller: the pool noticed and opened another connection.
         replacement = _backend_pid(engine)
         assert replacement != doomed
@@ -115,13 +120,10 @@ def test_a_connection_lost_during_a_driver_statement_is_discarded(
 
         runner = threading.Thread(target=run)
         runner.start()
-        deadline = time.monotonic() + 5
         with admin.connect() as conn:
-            while not conn.exec_driver_sql(
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid = "
-                    f"{doomed} AND left(query, 15) = 'SELECT pg_sleep'").scalar():
-                assert time.monotonic() < deadline, "the statement never started"
-                time.sleep(0.02)
+            _wait_for(conn, "SELECT count(*) FROM pg_stat_activity WHERE pid = "
+                      f"{doomed} AND left(query, 15) = 'SELECT pg_sleep'",
+                      until=True, failure="the statement never started")
             conn.exec_driver_sql(f"SELECT pg_terminate_backend({doomed})")
         runner.join(10)
         error = outcome.get("error")
