@@ -207,3 +207,27 @@ def test_routing_twice_gives_the_same_rows(db_session, tree):
                                .where(InboxItem.chain_id == update.chain_id)
                                .order_by(InboxItem.organisation_id)).all()
     assert len(before) == 5 and before == after
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_only_a_duplicate_inbox_row_counts_as_a_conflict(database, request):
+    """`route_update` routes again with the upsert on a duplicate (chain, organisation) in
+    the inbox, and on nothing else: told apart on PostgreSQL and on SQLite."""
+    if database == "sqlite":
+        engine = sa.create_engine("sqlite://")
+        InboxItem.__table__.create(engine)
+    else:
+        engine = request.getfixturevalue("engine")
+    item = {"chain_id": routing.uuid.uuid4(), "organisation_id": routing.uuid.uuid4(),
+            "update_id": routing.uuid.uuid4(), "reasons": [], "needs_ack": False,
+            "received_at": routing.get_settings().now()}
+    insert = sa.insert(InboxItem.__table__)
+    with engine.connect() as connection:  # never committed
+        connection.execute(insert, item)
+        with pytest.raises(sa.exc.IntegrityError) as duplicate:
+            connection.execute(insert, item)
+        assert routing._inbox_conflict(duplicate.value)
+        connection.rollback()
+        with pytest.raises(sa.exc.IntegrityError) as missing:
+            connection.execute(insert, {**item, "needs_ack": None})
+        assert not routing._inbox_conflict(missing.value)
