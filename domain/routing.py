@@ -275,8 +275,8 @@ def make_plan(session: Session, *, publisher_id: uuid.UUID, topic_ids: frozenset
 def _read_update_statement() -> sa.Select[Any]:
     """Everything routing reads, in one statement: the update row, locked (`FOR UPDATE OF
     updates` on PostgreSQL; SQLite has one writer anyway), with its publisher's level and
-    name, its topics and their ancestors, whether a version of its chain has been routed
-    yet, whether any subscription takes push deliveries, and the active routing rules. One
+    name, its topics and their ancestors, whether a version of its chain (and a later one)
+    has been routed yet, whether any subscription takes push deliveries, and the active routing rules. One
     round trip instead of six.
 
     It reads no `inbox_items`: the server drops a statement's cached plan whenever a table
@@ -301,6 +301,8 @@ def _read_update_statement() -> sa.Select[Any]:
             sa.select(json_list(tree.c.id)).scalar_subquery().label("ancestor_ids"),
             sa.exists().where(other.c.chain_id == u.c.chain_id, other.c.routed_at.is_not(None))
             .label("chain_routed"),
+            sa.exists().where(other.c.chain_id == u.c.chain_id, other.c.version > u.c.version,
+                              other.c.routed_at.is_not(None)).label("later_version_routed"),
             sa.exists().where(deliveries.takes_pushes(Subscription)).label("any_push"),
             sa.select(json_list(rules.c.id, rules.c.action, rules.c.filter, rules.c.targets))
             .scalar_subquery().label("rules"),
@@ -543,6 +545,16 @@ def _route(session: Session, update_id: uuid.UUID, outbox_id: int | None, *,
     now = get_settings().now()
     if row.publish_at > now:
         session.rollback()  # not due yet; the outbox row stays pending for its time
+        return RoutingResult(update_id, 0)
+    if row.later_version_routed:
+        # A correction published right after this version was routed first (two workers):
+        # the inboxes show the correction, which this version must not overwrite, nor send
+        # to webhooks after it. It is done, reaching no one itself.
+        connection.execute(_MARK_ROUTED, {"update_id": row.id, "now": now, "recipients": 0})
+        outbox.mark_completed(session, outbox_id)
+        session.commit()
+        _refresh_loaded(session, row, routed_at=now, recipient_count=0,
+                        status=UpdateStatus.published)
         return RoutingResult(update_id, 0)
 
     plan = _plan_from_row(session, row)

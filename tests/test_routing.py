@@ -231,3 +231,25 @@ def test_only_a_duplicate_inbox_row_counts_as_a_conflict(database, request):
         with pytest.raises(sa.exc.IntegrityError) as missing:
             connection.execute(insert, {**item, "needs_ack": None})
         assert not routing._inbox_conflict(missing.value)
+
+
+def test_a_version_routed_after_its_correction_leaves_the_correction_in_the_inboxes(
+        db_session, tree):
+    """A correction published before its first version was routed, and routed first (two
+    workers): the first version, routed late, overwrites nothing and reaches no one."""
+    publisher = create_org(db_session, level=Level.federal, kind=Kind.federal_body)
+    orgs = [create_org(db_session) for _ in range(3)]
+    for org in orgs:
+        create_subscription(db_session, org, filter={"topics": [tree["root"]]})
+    first = publish_update(db_session, publisher, route=False, topics=[tree["child"]])
+    correction = publish_update(db_session, publisher, route=False, topics=[tree["child"]],
+                                title="Corrected", supersedes=first.id)
+    assert routing.route_update(db_session, correction.id).recipients == 3
+    late = routing.route_update(db_session, first.id)
+    assert late.recipients == 0 and not late.already_routed
+    shown = db_session.execute(sa.select(InboxItem.organisation_id, InboxItem.update_id)
+                               .where(InboxItem.chain_id == first.chain_id)).all()
+    assert sorted(shown) == sorted((org.id, correction.id) for org in orgs)
+    db_session.refresh(first)
+    assert first.routed_at is not None and first.recipient_count == 0
+    assert routing.route_update(db_session, first.id).already_routed
