@@ -276,8 +276,8 @@ def _read_update_statement() -> sa.Select[Any]:
     """Everything routing reads, in one statement: the update row, locked (`FOR UPDATE OF
     updates` on PostgreSQL; SQLite has one writer anyway), with its publisher's level and
     name, its topics and their ancestors, whether a version of its chain (and a later one)
-    has been routed yet, whether any subscription takes push deliveries, and the active routing rules. One
-    round trip instead of six.
+    has been routed yet, whether any subscription takes push deliveries, and the active
+    routing rules. One round trip instead of six.
 
     It reads no `inbox_items`: the server drops a statement's cached plan whenever a table
     it reads is analysed or truncated, and the inbox table, written by every routing, is
