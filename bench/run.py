@@ -195,7 +195,8 @@ def argv_command(args: argparse.Namespace) -> str:
 
 
 def _fmt_s(value: float) -> str:
-    return f"{value:.3f}"
+    # A tenth of a millisecond at the small sizes, where the whole run takes a few.
+    return f"{value:.4f}" if value < 0.1 else f"{value:.3f}"
 
 
 def render_docs(measurements: list[Measurement], info: dict[str, Any], elapsed: float,
