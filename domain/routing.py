@@ -281,8 +281,8 @@ def _read_update_statement() -> sa.Select[Any]:
 
     It reads no `inbox_items`: the server drops a statement's cached plan whenever a table
     it reads is analysed or truncated, and the inbox table, written by every routing, is
-    analysed often. Planning this statement again costs about 0.6 ms, more than running it
-    (docs/benchmarks.md, P1)."""
+    analysed often. Planning this statement again took 0.6 ms, ten times what running it
+    takes (server log of P1 at 1,000 subscriptions: bind 0.63 ms, against 0.08 ms)."""
     u = _UPDATES
     tree = (sa.select(Topic.id, Topic.parent_id)
             .join(UpdateTopic, UpdateTopic.topic_id == Topic.id)
@@ -512,8 +512,9 @@ def route_update(session: Session, update_id: uuid.UUID,
     except sa.exc.IntegrityError as error:
         if not _inbox_conflict(error):
             raise
-        # The chain's first routing found inbox rows after all: someone cleared `routed_at`
-        # to route it again. Start over, with the upsert.
+        # The chain's first routing found inbox rows after all: a later version's routing
+        # committed some since our read, or someone cleared `routed_at` to route this one
+        # again. Start over (reading again), with the upsert.
         session.rollback()
         return _route(session, update_id, outbox_id, upsert=True)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
+
 import pytest
 import sqlalchemy as sa
 
@@ -218,9 +221,9 @@ def test_only_a_duplicate_inbox_row_counts_as_a_conflict(database, request):
         InboxItem.__table__.create(engine)
     else:
         engine = request.getfixturevalue("engine")
-    item = {"chain_id": routing.uuid.uuid4(), "organisation_id": routing.uuid.uuid4(),
-            "update_id": routing.uuid.uuid4(), "reasons": [], "needs_ack": False,
-            "received_at": routing.get_settings().now()}
+    item = {"chain_id": uuid.uuid4(), "organisation_id": uuid.uuid4(),
+            "update_id": uuid.uuid4(), "reasons": [], "needs_ack": False,
+            "received_at": datetime.now(UTC)}
     insert = sa.insert(InboxItem.__table__)
     with engine.connect() as connection:  # never committed
         connection.execute(insert, item)
