@@ -231,13 +231,9 @@ class FanoutBench:
         return elapsed
 
     def measure(self, n: int, runs: int, warm_up: int) -> dict[str, Any]:
-        for i in range(warm_up):
-            for side in ("baseline", "routing") if i % 2 == 0 else ("routing", "baseline"):
-                self.reset()
-                self.time_routing(n) if side == "routing" else self.time_baseline(n)
         routing: list[float] = []
         baseline: list[float] = []
-        for i in range(runs):
+        for i in range(-warm_up, runs):  # the warm-up runs (i < 0) are not counted
             sides = ("baseline", "routing") if i % 2 == 0 else ("routing", "baseline")
             for side in sides:
                 self.reset()
@@ -245,8 +241,10 @@ class FanoutBench:
                     routing.append(self.time_routing(n))
                 else:
                     baseline.append(self.time_baseline(n))
-            self.log(f"  N={n:>9,} run {i + 1}/{runs}: routing {routing[-1]:.3f} s, "
-                     f"baseline {baseline[-1]:.3f} s")
+            if i >= 0:
+                self.log(f"  N={n:>9,} run {i + 1}/{runs}: routing {routing[-1]:.3f} s, "
+                         f"baseline {baseline[-1]:.3f} s")
+        del routing[:warm_up], baseline[:warm_up]
         self.reset()
         return {"n": n, "runs": runs, "warm_up_runs": warm_up,
                 "routing_s": routing, "baseline_s": baseline,

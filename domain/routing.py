@@ -535,13 +535,10 @@ def _route(session: Session, update_id: uuid.UUID, outbox_id: int | None, *,
     dialect = connection.dialect.name
     row = connection.execute(_READ_UPDATE, {"update_id": update_id}).one_or_none()
     if row is None:
-        outbox.mark_completed(session, outbox_id)
-        session.commit()
+        _finish(session, outbox_id)
         return RoutingResult(update_id, 0)
     if row.routed_at is not None or row.status is UpdateStatus.withdrawn:
-        outbox.mark_completed(session, outbox_id)
-        session.commit()
-        _refresh_loaded(session, row)
+        _finish(session, outbox_id, row)
         return RoutingResult(update_id, row.recipient_count or 0, already_routed=True)
     now = get_settings().now()
     if row.publish_at > now:
@@ -552,10 +549,8 @@ def _route(session: Session, update_id: uuid.UUID, outbox_id: int | None, *,
         # the inboxes show the correction, which this version must not overwrite, nor send
         # to webhooks after it. It is done, reaching no one itself.
         connection.execute(_MARK_ROUTED, {"update_id": row.id, "now": now, "recipients": 0})
-        outbox.mark_completed(session, outbox_id)
-        session.commit()
-        _refresh_loaded(session, row, routed_at=now, recipient_count=0,
-                        status=UpdateStatus.published)
+        _finish(session, outbox_id, row, routed_at=now, recipient_count=0,
+                status=UpdateStatus.published)
         return RoutingResult(update_id, 0)
 
     plan = _plan_from_row(session, row)
@@ -597,11 +592,18 @@ def _route(session: Session, update_id: uuid.UUID, outbox_id: int | None, *,
             wake = deliveries.senders_to_wake(session, row.id)
     if not (row.any_push and dialect == "postgresql"):
         connection.execute(_MARK_ROUTED, params)
+    _finish(session, outbox_id, row, routed_at=now, recipient_count=count,
+            status=UpdateStatus.published)
+    return RoutingResult(update_id, count, wake=wake)
+
+
+def _finish(session: Session, outbox_id: int | None, row: Any = None, **routed: Any) -> None:
+    """Complete the outbox row and commit; then an `Update` the session holds shows the
+    update row as routing left it (`_refresh_loaded`)."""
     outbox.mark_completed(session, outbox_id)
     session.commit()
-    _refresh_loaded(session, row, routed_at=now, recipient_count=count,
-                    status=UpdateStatus.published)
-    return RoutingResult(update_id, count, wake=wake)
+    if row is not None:
+        _refresh_loaded(session, row, **routed)
 
 
 def announce_withdrawal(session: Session, update_id: uuid.UUID,

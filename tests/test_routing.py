@@ -215,7 +215,8 @@ def test_routing_twice_gives_the_same_rows(db_session, tree):
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_only_a_duplicate_inbox_row_counts_as_a_conflict(database, request):
     """`route_update` routes again with the upsert on a duplicate (chain, organisation) in
-    the inbox, and on nothing else: told apart on PostgreSQL and on SQLite."""
+    the inbox, and on nothing else: told apart on PostgreSQL and on SQLite (the embedded
+    default of `make run`, whose driver reports constraints only in its message)."""
     if database == "sqlite":
         engine = sa.create_engine("sqlite://")
         InboxItem.__table__.create(engine)
