@@ -5,8 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from domain.models import Classification, Subscription, Update
-from domain.routing import normalise_reasons
+from domain.models import Classification, InboxItem, Subscription, Update, reason_list
 from domain.settings import get_settings
 
 
@@ -36,8 +35,8 @@ def update_out(update: Update, *, full: bool = True,
     }
 
 
-def reasons_out(reasons: Any) -> list[dict[str, str]]:
-    return normalise_reasons(reasons)
+def reasons_out(item: InboxItem) -> list[dict[str, str]]:
+    return reason_list(item.subscription_ids, item.rule_ids, item.via_audience, item.update_id)
 
 
 def subscription_out(sub: Subscription) -> dict[str, Any]:

@@ -11,7 +11,7 @@ each (`send_at` 08:00 Europe/Brussels, no filter, `bundled_until` = the previous
 so exactly one window is due); 10 % of them on the webhook channel (10 endpoints), the rest
 inbox; 200 updates (one publisher, one topic; 2 urgent, 8 important) published in the
 window; and the inbox items routing would have written: every organisation received all 200
-(2,000,000 rows, reasons `[{"kind":"subscription","id":"<sub id>"}]`).
+(2,000,000 rows, each with its reason: the subscription's id in `subscription_ids`).
 
 History variant: the same, plus 100 days of past bundles per subscription (1,000,000
 bundles, each with ENTRIES_PER_PAST_BUNDLE entries of that day's chains, and for the webhook
@@ -218,10 +218,11 @@ class BundleBench:
                             "routed_at, recipient_count) FROM STDIN", iter(update_lines))
             self._copy(cur, "COPY update_topics (update_id, topic_id) FROM STDIN",
                        (f"{uid}\t{topic_id}\n" for uid, _, _ in updates))
-            reasons = {sub: f'[{{"kind":"subscription","id":"{sub}"}}]'
-                       for sub, _, _ in self.subs}
-            self._copy(cur, "COPY inbox_items (chain_id, organisation_id, update_id, reasons, "
-                            "needs_ack, received_at, delivered_at) FROM STDIN",
+            # The reason columns (subscription_ids, rule_ids, via_audience), in COPY's text.
+            reasons = {sub: f"{{{sub}}}\t{{}}\tf" for sub, _, _ in self.subs}
+            self._copy(cur, "COPY inbox_items (chain_id, organisation_id, update_id, "
+                            "subscription_ids, rule_ids, via_audience, needs_ack, received_at, "
+                            "delivered_at) FROM STDIN",
                        (f"{uid}\t{org}\t{uid}\t{reasons[sub]}\t{'t' if urgent else 'f'}\t{at}"
                         f"\t{at}\n" for uid, at, urgent in updates for sub, org, _ in self.subs))
         self._vacuum()
@@ -247,8 +248,8 @@ class BundleBench:
                             "window_start, window_end, item_count, created_at, built_at) "
                             "FROM STDIN", iter(bundle_lines))
             del bundle_lines
-            reasons = {sub: f'[{{"kind":"subscription","id":"{sub}"}}]'
-                       for sub, _, _ in self.subs}
+            # The reason columns (subscription_ids, rule_ids, via_audience), in COPY's text.
+            reasons = {sub: f"{{{sub}}}\t{{}}\tf" for sub, _, _ in self.subs}
 
             def entries() -> Iterator[str]:
                 for ids, day_chains in zip(bundle_ids, reversed(chains), strict=True):
@@ -258,7 +259,8 @@ class BundleBench:
                             yield f"{bid}\t{chain}\t{sub}\t{chain}\tnew\t{r}\n"
 
             count = self._copy(cur, "COPY bundle_entries (bundle_id, chain_id, subscription_id, "
-                                    "update_id, state, reasons) FROM STDIN", entries())
+                                    "update_id, state, subscription_ids, rule_ids, via_audience) "
+                                    "FROM STDIN", entries())
 
             def deliveries() -> Iterator[str]:
                 for d, ids in zip(range(days, 0, -1), bundle_ids, strict=True):
@@ -609,7 +611,7 @@ def docs_section(m: Measurement) -> list[str]:
         f"channel over {WEBHOOK_ENDPOINTS} endpoints, the rest inbox; {u} updates of one "
         "publisher and topic (2 urgent, 8 important, the rest routine) published in the "
         f"window; and the {n * u:,} inbox items routing writes for them (every organisation "
-        'received every update; reasons `[{"kind":"subscription","id":"<sub>"}]`). '
+        "received every update, through its subscription: `subscription_ids` = {<sub>}). "
         f"Loaded in {d['load_s']:.0f} s.",
         "",
         f"**History**: the same, plus {days} days of past bundles per subscription "

@@ -79,7 +79,7 @@ WORKLOAD = "P6"
 TITLE = "P1, P3, P4 and P5 on one million past updates (history / empty history)"
 TEMPLATE_DB = f"{BENCH_DB}_history_template"
 #: Bump when the loader writes different rows: the template is then rebuilt.
-LOADER_VERSION = 1
+LOADER_VERSION = 2
 TARGET_RATIO = 1.2
 RATE_TARGET = round(1 / TARGET_RATIO, 3)
 DIGEST_NAME = "History daily digest"
@@ -99,10 +99,19 @@ BINARY_NULL = struct.pack("!i", -1)
 BINARY_TRUE = struct.pack("!ib", 1, 1)
 BINARY_FALSE = struct.pack("!ib", 1, 0)
 _PG_EPOCH = 946_684_800  # 2000-01-01 in Unix seconds
+UUID_OID = 2950  # the type of uuid[]'s elements (pg_type)
 
 
 def _b_uuid(value: str) -> bytes:
     return b"\x00\x00\x00\x10" + uuid.UUID(value).bytes
+
+
+def _b_uuid_array(values: list[str]) -> bytes:
+    """A `uuid[]`: dimensions (none when empty), no NULLs, the element type, then each."""
+    body = (struct.pack("!iiiii", 1, 0, UUID_OID, len(values), 1) if values
+            else struct.pack("!iii", 0, 0, UUID_OID))
+    body += b"".join(_b_uuid(value) for value in values)
+    return struct.pack("!i", len(body)) + body
 
 
 def _b_text(value: str) -> bytes:
@@ -361,12 +370,12 @@ class HistoryLoader:
                 copy.write("".join(topic_lines))
         self.topic_ids = topic_ids
         # Each municipality's part of an inbox item: its reasons (every subscription of its
-        # that matches: the digest, and the webhook one where it has it).
-        self.reasons = []
+        # that matches: the digest, and the webhook one where it has it), as the three
+        # reason fields (subscription_ids, rule_ids, via_audience) of a binary COPY row.
+        self.reasons: list[bytes] = []
         for j in range(h.municipalities):
             ids = [self.digest_subs[j]] + ([self.webhook_subs[j]] if j in endpoints else [])
-            self.reasons.append("[" + ",".join(f'{{"kind":"subscription","id":"{s}"}}'
-                                               for s in ids) + "]")
+            self.reasons.append(_b_uuid_array(ids) + _b_uuid_array([]) + BINARY_FALSE)
         self.orgs_of_topic: list[list[int]] = [[] for _ in range(h.topics)]
         for j in range(h.municipalities):
             self.orgs_of_topic[self.org_topic[j]].append(j)
@@ -497,10 +506,10 @@ class HistoryLoader:
         # Inbox items: each update in the inbox of every municipality following its topic.
         uid_b = [_b_uuid(uid) for uid in uids]
         org_b = [_b_uuid(org) for org in self.orgs]
-        reasons_b = [_b_text(r) for r in self.reasons]
+        reasons_b = self.reasons
 
         def inbox_rows() -> Iterator[bytes]:
-            fields = struct.pack("!h", 9)
+            fields = struct.pack("!h", 11)
             for k, ub in enumerate(uid_b):
                 rec = _b_ts(received_s[k])
                 head = (BINARY_TRUE if k % 50 == 0 else BINARY_FALSE) + rec + rec
@@ -510,8 +519,9 @@ class HistoryLoader:
                     yield b"".join((fields, ub, org_b[j], ub, reasons_b[j],
                                     read if j % 2 else unread))
 
-        self._copy("inbox_items", "chain_id, organisation_id, update_id, reasons, needs_ack, "
-                   "received_at, delivered_at, read_at, acked_at", inbox_rows(), binary=True)
+        self._copy("inbox_items", "chain_id, organisation_id, update_id, subscription_ids, "
+                   "rule_ids, via_audience, needs_ack, received_at, delivered_at, read_at, "
+                   "acked_at", inbox_rows(), binary=True)
 
         # Webhook deliveries of the webhook municipalities, with their attempts.
         attempts: list[tuple[str, float, bool]] = []
@@ -589,7 +599,7 @@ class HistoryLoader:
         states = {True: _b_text("already_sent"), False: _b_text("new")}
 
         def entry_rows() -> Iterator[bytes]:
-            fields = struct.pack("!h", 6)
+            fields = struct.pack("!h", 8)
             for bid, j, first, k1 in bundles:
                 head = fields + _b_uuid(bid)
                 sub, reasons = sub_b[j], reasons_b[j]
@@ -598,7 +608,7 @@ class HistoryLoader:
                     yield b"".join((head, ub, sub, ub, states[k % 50 == 0], reasons))
 
         self._copy("bundle_entries", "bundle_id, chain_id, subscription_id, update_id, state, "
-                   "reasons", entry_rows(), binary=True)
+                   "subscription_ids, rule_ids, via_audience", entry_rows(), binary=True)
 
     def finish(self) -> None:
         started = time.perf_counter()

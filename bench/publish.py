@@ -6,14 +6,14 @@ benchmark database. Every request is a real publish: `POST /v1/updates` with
 `Authorization: Bearer <key>` (a key with the `publish` scope, issued through the use case)
 and a ~1 kB JSON body (title, summary, body, one topic). The API authenticates the key,
 validates the draft, writes the update, its topic row, the routing outbox row and the audit
-entry in one statement (autocommit, on the driver's connection) and answers 202. The outbox's trigger notifies the relay at
-the commit; the relay runs as deployed beside the API (`doorstroom relay`, a process of its
-own; the scheduler runs the same loop) and hands the routing task to the broker at once
-(claim and mark the due rows, send, commit; one pass serves whatever was committed since the
-last), and its CPU is reported too. The broker is kombu's
-in-memory transport (`memory://`, as every workload here runs): the handoff's Python work
-is measured, but no broker server is, and nothing consumes the tasks (no worker runs, so no
-routing happens). Rate limiting is off (no `DOORSTROOM_REDIS_URL`,
+entry in one statement (autocommit, on the driver's connection) and answers 202. The
+outbox's trigger notifies the relay at the commit; the relay runs as deployed beside the
+API (`doorstroom relay`, a process of its own; the scheduler runs the same loop) and hands
+the routing task to the broker at once (claim and mark the due rows, send, commit; one
+pass serves whatever was committed since the last), and its CPU is reported too. The
+broker is kombu's in-memory transport (`memory://`, as every workload here runs): the
+handoff's Python work is measured, but no broker server is, and nothing consumes the tasks
+(no worker runs, so no routing happens). Rate limiting is off (no `DOORSTROOM_REDIS_URL`,
 `DOORSTROOM_RATE_LIMIT_PER_MINUTE=0`): one key sends far more than the production limit of
 600 a minute.
 

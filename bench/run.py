@@ -307,12 +307,13 @@ def _p1_section(m: Measurement) -> list[str]:
         "**Baseline** (shares none of the routing code): in the same database and run, "
         "`CREATE TABLE bench_baseline (LIKE inbox_items INCLUDING ALL)` (same columns, "
         "primary key and indexes; LIKE copies no foreign keys) and "
-        "`INSERT INTO bench_baseline (chain_id, organisation_id, update_id, reasons, "
-        "needs_ack, received_at, delivered_at) SELECT <chain>, id, <update>, reasons, "
-        "false, now(), now() FROM bench_recipients` plus its commit, where "
-        "`bench_recipients` is a table of the N recipient ids prepared before timing, each "
-        "with the reasons routing writes for it (`[{\"kind\":\"subscription\",\"id\":…}]`, "
-        "made in SQL from the recipient's subscription): the same rows, byte for byte.",
+        "`INSERT INTO bench_baseline (chain_id, organisation_id, update_id, "
+        "subscription_ids, rule_ids, via_audience, needs_ack, received_at, delivered_at) "
+        "SELECT <chain>, id, <update>, subscription_ids, '{}', false, false, now(), now() "
+        "FROM bench_recipients` plus its commit, where `bench_recipients` is a table of the "
+        "N recipient ids prepared before timing, each with the reasons routing writes for it "
+        "(`subscription_ids` = its subscription's id, made in SQL from the recipient's "
+        "subscription): the same rows, byte for byte.",
         "",
         "**Method**: before every run both target tables are emptied (TRUNCATE), "
         "vacuumed and analysed, and a CHECKPOINT is taken; baseline and routing alternate "

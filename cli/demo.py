@@ -32,6 +32,7 @@ from domain.models import (
     RoutingRule,
     Subscription,
     Update,
+    reason_list,
 )
 from domain.settings import get_settings
 
@@ -121,9 +122,10 @@ def _wait_for_routing(update_ids: list[uuid.UUID]) -> None:
             routing.route_update(session, update_id)
 
 
-def _describe_reasons(session: Session, reasons: object) -> str:
+def _describe_reasons(session: Session, item: InboxItem) -> str:
     parts = []
-    for reason in routing.normalise_reasons(reasons):
+    for reason in reason_list(item.subscription_ids, item.rule_ids, item.via_audience,
+                              item.update_id):
         source = uuid.UUID(reason["id"])
         if reason["kind"] == "subscription":
             sub = session.get(Subscription, source)
@@ -260,7 +262,7 @@ def play() -> None:
                     flags.append("needs acknowledgement")
                 suffix = f" [{', '.join(flags)}]" if flags else ""
                 print(f"    - {update.title}{suffix}")
-                print(f"        why: {_describe_reasons(session, item.reasons)}")
+                print(f"        why: {_describe_reasons(session, item)}")
         reach = session.execute(sa.select(sa.func.count()).select_from(InboxItem)
                                 .where(InboxItem.chain_id == threat.chain_id)).scalar_one()
         print(f"\n  OCAD's notice reached {reach} municipalities through the LIVC rule;"

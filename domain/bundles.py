@@ -19,7 +19,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session, aliased
 
 from domain import audit, events, outbox, schedule
@@ -47,7 +46,10 @@ from domain.models import (
     Topic,
     Update,
     UpdateStatus,
+    lists_id,
     new_id,
+    reached_directly,
+    reason_list,
 )
 from domain.pagination import Page, paginate
 from domain.settings import get_settings
@@ -76,21 +78,9 @@ def _reached_through(session: Session) -> sa.ColumnElement[bool]:
     """The inbox item came through this subscription, or (include_directed) through a rule
     or the audience. Correlated on Subscription and InboxItem."""
     s, i = Subscription, InboxItem
-    if session.get_bind().dialect.name == "postgresql":
-        reasons = sa.cast(i.reasons, postgresql.JSONB)
-        mine = reasons.contains(sa.func.jsonb_build_array(
-            sa.func.jsonb_build_object("kind", "subscription", "id", sa.cast(s.id, sa.Text))))
-        directed = sa.or_(reasons.contains(sa.cast(sa.literal('[{"kind": "rule"}]'),
-                                                   postgresql.JSONB)),
-                          reasons.contains(sa.cast(sa.literal('[{"kind": "audience"}]'),
-                                                   postgresql.JSONB)))
-        return sa.or_(mine, sa.and_(s.include_directed.is_(True), directed))
-    reason = sa.func.json_each(i.reasons).table_valued("value").alias("reason")
-    kind = sa.func.json_extract(reason.c.value, "$.kind")
-    source = sa.func.replace(sa.func.lower(sa.func.json_extract(reason.c.value, "$.id")), "-", "")
-    return sa.exists(sa.select(sa.literal(1)).select_from(reason).where(sa.or_(
-        sa.and_(kind == "subscription", source == sa.func.lower(sa.cast(s.id, sa.Text))),
-        sa.and_(s.include_directed.is_(True), kind.in_(["rule", "audience"])))))
+    dialect = session.get_bind().dialect.name
+    return sa.or_(lists_id(dialect, i.subscription_ids, s.id),
+                  sa.and_(s.include_directed.is_(True), reached_directly(dialect, i)))
 
 
 def run_due_bundles(session: Session, now: datetime | None = None) -> RunReport:
@@ -196,7 +186,8 @@ def _write_entries(session: Session, bundle_ids: list[uuid.UUID], now: datetime)
         (sa.exists(earlier_version), "corrected"),
         else_="new")
     select = (
-        sa.select(b.id, i.chain_id, b.subscription_id, i.update_id, state, i.reasons)
+        sa.select(b.id, i.chain_id, b.subscription_id, i.update_id, state,
+                  i.subscription_ids, i.rule_ids, i.via_audience)
         .select_from(b)
         .join(s, s.id == b.subscription_id)
         .join(i, sa.and_(i.organisation_id == b.organisation_id,
@@ -213,7 +204,8 @@ def _write_entries(session: Session, bundle_ids: list[uuid.UUID], now: datetime)
         # quadratic (500 subscriptions: 140 s instead of 4 s). The index is always right here.
         session.execute(sa.text("SET LOCAL enable_seqscan = off"))
     session.execute(sa.insert(BundleEntry).from_select(
-        ["bundle_id", "chain_id", "subscription_id", "update_id", "state", "reasons"], select))
+        ["bundle_id", "chain_id", "subscription_id", "update_id", "state", "subscription_ids",
+         "rule_ids", "via_audience"], select))
     counts = (sa.select(sa.func.count()).select_from(BundleEntry)
               .where(BundleEntry.bundle_id == Bundle.id).scalar_subquery())
     return rowcount(session.execute(
@@ -272,11 +264,14 @@ def _fill_webhook_payloads(session: Session, bundle_ids: list[uuid.UUID]) -> Non
 # ---------------------------------------------------------------------------------- content
 
 
+def _ids_in(text: str) -> list[uuid.UUID]:
+    """The ids of a `UuidList` cast to text: `{id,id}` (PostgreSQL) or `["hex","hex"]`."""
+    return [uuid.UUID(part) for part in text.strip("{}[]").replace('"', "").split(",") if part]
+
+
 def bundle_contents(session: Session, bundles: list[Bundle]) -> dict[uuid.UUID, dict[str, Any]]:
     """Each bundle as sections: grouped by topic, then publisher; urgent items first; counts
     per section; every item with its state and reasons. Restricted items are notices."""
-    from domain.routing import normalise_reasons
-
     if not bundles:
         return {}
     bundle_ids = [b.id for b in bundles]
@@ -285,8 +280,9 @@ def bundle_contents(session: Session, bundles: list[Bundle]) -> dict[uuid.UUID, 
     # (P5: ~30 s). Each update is read once, with only the columns an item shows.
     entries = session.execute(
         sa.select(BundleEntry.bundle_id, BundleEntry.update_id, BundleEntry.state,
-                  # As stored, so that equal reasons are decoded and normalised once.
-                  sa.cast(BundleEntry.reasons, sa.Text))
+                  # As text, so that equal reasons are decoded and listed once.
+                  sa.cast(BundleEntry.subscription_ids, sa.Text),
+                  sa.cast(BundleEntry.rule_ids, sa.Text), BundleEntry.via_audience)
         .where(BundleEntry.bundle_id.in_(bundle_ids))).all()
     listed = sa.select(BundleEntry.update_id).where(BundleEntry.bundle_id.in_(bundle_ids))
     updates = session.execute(
@@ -311,17 +307,19 @@ def bundle_contents(session: Session, bundles: list[Bundle]) -> dict[uuid.UUID, 
              "summary": None if restricted else update.summary,
              "priority": update.priority.value, "classification": update.classification.value,
              "notice": restricted, "url": events.update_link(update.id)})
-    normalised: dict[str, list[dict[str, str]]] = {}
+    listed_reasons: dict[tuple[Any, ...], list[dict[str, str]]] = {}
     grouped: dict[uuid.UUID, dict[tuple[str, str], list[dict[str, Any]]]] = defaultdict(
         lambda: defaultdict(list))
-    for bundle_id, update_id, state, stored_reasons in entries:
+    for bundle_id, update_id, state, subscription_ids, rule_ids, via_audience in entries:
         if update_id not in shown:  # its update is gone: left out, as an inner join would
             continue
         section, head, tail = shown[update_id]
-        if stored_reasons not in normalised:
-            normalised[stored_reasons] = normalise_reasons(stored_reasons)
+        key = (subscription_ids, rule_ids, via_audience and update_id)
+        if key not in listed_reasons:
+            listed_reasons[key] = reason_list(_ids_in(subscription_ids), _ids_in(rule_ids),
+                                              via_audience, update_id)
         grouped[bundle_id][section].append(
-            {**head, "state": state, **tail, "reasons": normalised[stored_reasons]})
+            {**head, "state": state, **tail, "reasons": listed_reasons[key]})
     result = {}
     for bundle in bundles:
         sections: list[dict[str, Any]] = []

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import select
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -48,6 +50,29 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+
+class UuidList(sa.TypeDecorator[list[uuid.UUID]]):
+    """A list of UUIDs: `uuid[]` on PostgreSQL, a JSON array of hex strings on SQLite (the
+    form SQLite's UUID columns have, so that SQL can compare the two). Never NULL in Python:
+    NULL reads as []."""
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.ARRAY(sa.Uuid()))
+        return dialect.type_descriptor(sa.JSON())
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        ids = [v if isinstance(v, uuid.UUID) else uuid.UUID(str(v)) for v in value]
+        return ids if dialect.name == "postgresql" else [i.hex for i in ids]
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> list[uuid.UUID]:
+        return [v if isinstance(v, uuid.UUID) else uuid.UUID(str(v)) for v in value or ()]
 
 
 class Base(DeclarativeBase):
@@ -169,14 +194,16 @@ class DriverStatement:
     """A Core statement compiled once for a dialect, to run on the driver's own connection
     (`execute_in_autocommit`).
 
-    For the hottest single-statement units of work (a publish): SQLAlchemy's execution
-    layer (execution context, result wrapping, the connection's transaction bookkeeping)
-    costs about as much CPU as the driver's own work on such a statement (docs/benchmarks.md,
-    P2). The values still go through each column type's bind processing, so they are
-    stored exactly as a Core execution would store them."""
+    For the hottest statements (a publish, routing's writes): SQLAlchemy's execution layer
+    (execution context, result wrapping, the connection's transaction bookkeeping) costs
+    about as much CPU as the driver's own work on such a statement (docs/benchmarks.md, P1
+    and P2). The values still go through each column type's bind processing, so they are
+    stored exactly as a Core execution would store them; values written into the statement
+    (`literal`, `.values(column=value)`) are its `defaults`."""
 
     sql: str
     processors: dict[str, Callable[[Any], Any]]
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def compile(cls, statement: sa.Executable, dialect: sa.Dialect) -> DriverStatement:
@@ -184,16 +211,20 @@ class DriverStatement:
         if compiled.positional or compiled.post_compile_params:
             raise ValueError("a DriverStatement takes named parameters, none expanded later")
         processors = {}
+        defaults = {}
         for name, bind in compiled.binds.items():
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
                 processors[name] = processor
-        return cls(compiled.string, processors)
+            if bind.value is not None:
+                defaults[name] = bind.value
+        return cls(compiled.string, processors, defaults)
 
     def parameters(self, values: Mapping[str, Any]) -> dict[str, Any]:
         processors = self.processors
         return {name: processors[name](value) if name in processors else value
-                for name, value in values.items()}
+                for name, value in ({**self.defaults, **values} if self.defaults
+                                    else values).items()}
 
 
 def execute_in_autocommit(engine: Engine, statement: DriverStatement,
@@ -228,6 +259,29 @@ def execute_in_autocommit(engine: Engine, statement: DriverStatement,
     finally:
         if pooled is not None:
             pooled.close()
+
+
+def execute_in_transaction(connection: sa.Connection, statement: DriverStatement,
+                           values: Mapping[str, Any]) -> int:
+    """Run `statement` on the driver's own cursor of `connection`, inside the transaction
+    it has begun (the driver's, which the connection commits or rolls back as usual).
+    Answers the rows it touched. Errors are raised as SQLAlchemy's, as from
+    `execute_in_autocommit`; a lost connection is invalidated."""
+    parameters = statement.parameters(values)
+    dialect = connection.dialect
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    try:
+        with driver.cursor() as cursor:
+            cursor.execute(statement.sql, parameters)
+            return max(cursor.rowcount, 0)
+    except dialect.loaded_dbapi.Error as exc:
+        lost = dialect.is_disconnect(exc, connection.connection.dbapi_connection, None)
+        if lost:
+            connection.invalidate(exc)
+        raise sa.exc.DBAPIError.instance(
+            statement.sql, parameters, exc, dialect.loaded_dbapi.Error,
+            connection_invalidated=lost, dialect=dialect) from exc
 
 
 def rowcount(result: Any) -> int:

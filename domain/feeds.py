@@ -27,7 +27,6 @@ from zoneinfo import ZoneInfo
 import nh3
 import sqlalchemy as sa
 from markdown_it import MarkdownIt
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from domain.errors import NotFound
@@ -41,6 +40,8 @@ from domain.models import (
     Topic,
     Update,
     UpdateStatus,
+    lists_id,
+    reached_directly,
 )
 from domain.pagination import clamp_limit, decode_time_cursor, encode_time_cursor
 from domain.settings import get_settings
@@ -106,25 +107,12 @@ def subscription_for_token(session: Session, token: str) -> Subscription:
 
 
 def reached_through(session: Session, sub: Subscription) -> sa.ColumnElement[bool]:
-    """The inbox items this subscription's feed shows, by their reasons: in SQL, per dialect
-    (the column is `json`; PostgreSQL tests containment on it as `jsonb`)."""
-    if session.get_bind().dialect.name == "postgresql":
-        reasons = sa.cast(InboxItem.reasons, postgresql.JSONB)
-        wanted = [reasons.contains([{"kind": "subscription", "id": str(sub.id)}])]
-        if sub.include_directed:
-            wanted += [reasons.contains([{"kind": "rule"}]),
-                       reasons.contains([{"kind": "audience"}])]
-        return sa.or_(*wanted)
-    # SQLite (the embedded default): its routing statement stores UUIDs as bare hex, the ORM
-    # as canonical text; accept both.
-    reason = sa.func.json_each(InboxItem.reasons).table_valued("value").alias("reason")
-    kind = sa.func.json_extract(reason.c.value, "$.kind")
-    source = sa.func.lower(sa.func.json_extract(reason.c.value, "$.id"))
-    conditions = [sa.and_(kind == "subscription", source.in_([sub.id.hex, str(sub.id)]))]
+    """The inbox items this subscription's feed shows, by their reasons."""
+    dialect = session.get_bind().dialect.name
+    mine = lists_id(dialect, InboxItem.subscription_ids, sa.literal(sub.id, sa.Uuid))
     if sub.include_directed:
-        conditions.append(kind.in_(["rule", "audience"]))
-    return sa.exists(sa.select(sa.literal(1)).select_from(reason)
-                     .where(sa.or_(*conditions)))
+        return sa.or_(mine, reached_directly(dialect, InboxItem))
+    return mine
 
 
 def _visible(session: Session, sub: Subscription, now: datetime) -> list[sa.ColumnElement[bool]]:

@@ -9,14 +9,21 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from domain import audit
 from domain.errors import InvalidInput, NotFound
-from domain.models import Classification, InboxItem, Organisation, Priority, Update, UpdateTopic
+from domain.models import (
+    Classification,
+    InboxItem,
+    Organisation,
+    Priority,
+    Update,
+    UpdateTopic,
+    reason_list,
+)
 from domain.pagination import (
     clamp_limit,
     decode_cursor,
@@ -140,7 +147,7 @@ class ReachRow:
     organisation_id: uuid.UUID
     name: str
     update_id: uuid.UUID
-    reasons: Any
+    reasons: list[dict[str, str]]
     delivered_at: datetime | None
     read_at: datetime | None
     acked_at: datetime | None
@@ -180,6 +187,8 @@ def reach(session: Session, actor: audit.Actor, update_id: uuid.UUID, cursor: st
     rows = session.execute(stmt.order_by(InboxItem.organisation_id).limit(size + 1)).all()
     next_cursor = encode_cursor(rows[size - 1][0].organisation_id) if len(rows) > size else None
     return Reach(
-        rows=[ReachRow(i.organisation_id, name, i.update_id, i.reasons, i.delivered_at,
+        rows=[ReachRow(i.organisation_id, name, i.update_id,
+                       reason_list(i.subscription_ids, i.rule_ids, i.via_audience, i.update_id),
+                       i.delivered_at,
                        i.read_at, i.acked_at, i.needs_ack) for i, name in rows[:size]],
         totals=totals, next_cursor=next_cursor)

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 import uuid_utils
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from domain.db import Base, UTCDateTime
+from domain.db import Base, UTCDateTime, UuidList
 
 
 def new_id() -> uuid.UUID:
@@ -377,7 +377,48 @@ class RoutingRule(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class InboxItem(Base):
+class Reasons:
+    """Why an organisation received an update: the contract's `reasons`, kept as the ids of
+    each kind of reason rather than as the JSON list the API shows (`reason_list` makes
+    that). Routing writes them for every recipient in one INSERT … SELECT, where an array
+    of ids is what the database builds cheapest: with the reasons as JSON text, that INSERT
+    of 1,000 recipients took 2.5 ms more than a bare INSERT … SELECT of the same rows (6.4
+    ms); with arrays, 1.6 ms more (pgbench, docs/benchmarks.md P1)."""
+
+    #: The recipient's subscriptions whose filter matched.
+    subscription_ids: Mapped[list[uuid.UUID]] = mapped_column(UuidList, default=list)
+    #: The route rules that named the recipient.
+    rule_ids: Mapped[list[uuid.UUID]] = mapped_column(UuidList, default=list)
+    #: Reached as one of a restricted update's audience (the reason's id is the update's).
+    via_audience: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+
+
+def reason_list(subscription_ids: list[uuid.UUID], rule_ids: list[uuid.UUID],
+                via_audience: bool, update_id: uuid.UUID | None) -> list[dict[str, str]]:
+    """The contract's `reasons` (`[{"kind", "id"}]`, sorted) from the `Reasons` columns."""
+    reasons = ({("subscription", str(i)) for i in subscription_ids}
+               | {("rule", str(i)) for i in rule_ids})
+    if via_audience and update_id is not None:  # a draft's preview has no id yet
+        reasons.add(("audience", str(update_id)))
+    return [{"kind": kind, "id": source} for kind, source in sorted(reasons)]
+
+
+def lists_id(dialect: str, ids: sa.ColumnElement[Any] | Mapped[Any],
+             value: sa.ColumnElement[Any] | Mapped[Any]) -> sa.ColumnElement[bool]:
+    """SQL: `value` is one of the `UuidList` `ids`."""
+    if dialect == "postgresql":
+        return value == sa.any_(ids)
+    each = sa.func.json_each(ids).table_valued("value").alias("each_id")
+    return sa.exists(sa.select(sa.literal(1)).select_from(each).where(each.c.value == value))
+
+
+def reached_directly(dialect: str, reasons: type[Reasons]) -> sa.ColumnElement[bool]:
+    """SQL: the recipient was reached through a route rule or the audience."""
+    length = sa.func.cardinality if dialect == "postgresql" else sa.func.json_array_length
+    return sa.or_(length(reasons.rule_ids) > 0, reasons.via_audience.is_(True))
+
+
+class InboxItem(Reasons, Base):
     """One per (version chain, organisation): the recipient record. Shows the latest version
     routed to the organisation, with every reason it arrived and its read/ack state."""
 
@@ -393,7 +434,6 @@ class InboxItem(Base):
     # deletion must remove the rows it leaves here.
     organisation_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
     update_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, index=True)
-    reasons: Mapped[list[dict[str, str]]] = mapped_column(sa.JSON)
     needs_ack: Mapped[bool] = mapped_column(sa.Boolean)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -526,7 +566,7 @@ class Bundle(Base):
 sa.Index("ix_bundles_org_window", Bundle.organisation_id, Bundle.window_end.desc())
 
 
-class BundleEntry(Base):
+class BundleEntry(Reasons, Base):
     """One update chain in a bundle, as it was when the bundle was built."""
 
     __tablename__ = "bundle_entries"
@@ -547,4 +587,3 @@ class BundleEntry(Base):
     #: new | corrected (an earlier version went out before) | withdrawn (it had gone out) |
     #: already_sent (urgent: pushed at once)
     state: Mapped[str] = mapped_column(sa.String(20))
-    reasons: Mapped[list[dict[str, str]]] = mapped_column(sa.JSON)

@@ -57,6 +57,6 @@ def notify_organisation(session: Session, organisation_id: uuid.UUID, *, title: 
     session.flush()
     session.add(InboxItem(chain_id=update.id, organisation_id=organisation_id,
                           update_id=update.id,
-                          reasons=[{"kind": "audience", "id": str(update.id)}],
+                          via_audience=True,
                           needs_ack=True, received_at=now, delivered_at=now))
     return update

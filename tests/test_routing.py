@@ -18,6 +18,7 @@ from domain.models import (
     Priority,
     Role,
     UpdateTopic,
+    reason_list,
 )
 from tests.factories import (
     create_group_with,
@@ -30,9 +31,10 @@ from tests.factories import (
 
 
 def inbox_of(session, update):
-    rows = session.execute(sa.select(InboxItem.organisation_id, InboxItem.reasons)
-                           .where(InboxItem.chain_id == update.chain_id)).all()
-    return {org: routing.normalise_reasons(reasons) for org, reasons in rows}
+    items = session.scalars(sa.select(InboxItem).where(InboxItem.chain_id == update.chain_id))
+    return {item.organisation_id: reason_list(item.subscription_ids, item.rule_ids,
+                                              item.via_audience, item.update_id)
+            for item in items}
 
 
 @pytest.fixture
@@ -223,7 +225,8 @@ def test_only_a_duplicate_inbox_row_counts_as_a_conflict(database, request):
     else:
         engine = request.getfixturevalue("engine")
     item = {"chain_id": uuid.uuid4(), "organisation_id": uuid.uuid4(),
-            "update_id": uuid.uuid4(), "reasons": [], "needs_ack": False,
+            "update_id": uuid.uuid4(), "subscription_ids": [], "rule_ids": [],
+            "via_audience": False, "needs_ack": False,
             "received_at": datetime.now(UTC)}
     insert = sa.insert(InboxItem.__table__)
     with engine.connect() as connection:  # never committed

@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1/inbox", tags=["inbox"], responses=responses(404))
 def item_out(entry: inbox.InboxEntry, *, full: bool) -> dict[str, Any]:
     item = entry.item
     return {"id": str(item.chain_id), "update": update_out(entry.update, full=full),
-            "reasons": reasons_out(item.reasons), "received_at": item.received_at,
+            "reasons": reasons_out(item), "received_at": item.received_at,
             "delivered_at": item.delivered_at, "read_at": item.read_at,
             "acked_at": item.acked_at, "needs_ack": item.needs_ack}
 

@@ -10,7 +10,6 @@ from api.deps import AdminDep, SessionDep
 from api.ids import parse_id, parse_ref
 from api.pages import page_response
 from api.problems import responses
-from api.render import reasons_out
 from api.routes.updates import draft_from
 from api.schemas import ListOf, PreviewIn, PreviewOut, RuleCreate, RuleOut
 from domain import matching, publishing, routing, rules
@@ -70,5 +69,5 @@ def preview(body: PreviewIn, actor: AdminDep, session: SessionDep) -> dict[str, 
         classification=draft.classification, audience=audience, update_id=None)
     recipients = routing.preview(session, plan)
     return {"items": [{"organisation_id": str(r.organisation_id), "name": r.name,
-                       "reasons": reasons_out(r.reasons)} for r in recipients],
+                       "reasons": r.reasons} for r in recipients],
             "next_cursor": None, "total": len(recipients)}

@@ -13,7 +13,7 @@ from api.dispatch import dispatch_soon
 from api.ids import in_utc_range, parse_id, parse_ref
 from api.pages import page_response
 from api.problems import responses
-from api.render import reasons_out, update_out
+from api.render import update_out
 from api.schemas import ListOf, ReachOut, UpdateAccepted, UpdateCreate, UpdateOut, WithdrawBody
 from domain import audit, inbox, publishing
 from domain.errors import InvalidInput, NotFound
@@ -112,7 +112,7 @@ def get_reach(update_id: str, actor: PublisherDep, session: SessionDep, request:
         response.headers["Link"] = (
             f'<{request.url.include_query_params(cursor=result.next_cursor)}>; rel="next"')
     return {"items": [{"organisation_id": str(r.organisation_id), "name": r.name,
-                       "update_id": str(r.update_id), "reasons": reasons_out(r.reasons),
+                       "update_id": str(r.update_id), "reasons": r.reasons,
                        "delivered_at": r.delivered_at, "read_at": r.read_at,
                        "acked_at": r.acked_at, "needs_ack": r.needs_ack} for r in result.rows],
             "next_cursor": result.next_cursor, "totals": result.totals}
