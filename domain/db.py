@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import select
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections import namedtuple
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -212,7 +213,7 @@ class DriverStatement:
             raise ValueError("a DriverStatement takes named parameters, none expanded later")
         processors = {}
         defaults = {}
-        for name, bind in compiled.binds.items():
+        for bind, name in compiled.bind_names.items():  # each parameter, by its name in SQL
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
                 processors[name] = processor
@@ -261,27 +262,78 @@ def execute_in_autocommit(engine: Engine, statement: DriverStatement,
             pooled.close()
 
 
-def execute_in_transaction(connection: sa.Connection, statement: DriverStatement,
-                           values: Mapping[str, Any]) -> int:
-    """Run `statement` on the driver's own cursor of `connection`, inside the transaction
-    it has begun (the driver's, which the connection commits or rolls back as usual).
-    Answers the rows it touched. Errors are raised as SQLAlchemy's, as from
-    `execute_in_autocommit`; a lost connection is invalidated."""
-    parameters = statement.parameters(values)
+@dataclass(frozen=True)
+class DriverQuery:
+    """A Core SELECT compiled once for a dialect (`DriverStatement`) whose rows come back
+    as named tuples of its selected columns, each value through its column type's result
+    processing: as a Core execution would give them (`fetch_one_in_transaction`)."""
+
+    statement: DriverStatement
+    row_type: type[Any]
+    processors: tuple[Callable[[Any], Any] | None, ...]
+
+    @classmethod
+    def compile(cls, select: sa.Select[Any], dialect: sa.Dialect) -> DriverQuery:
+        columns = list(select.selected_columns)
+        return cls(DriverStatement.compile(select, dialect),
+                   namedtuple("DriverRow", [column.key for column in columns]),  # type: ignore[misc]
+                   tuple(column.type.dialect_impl(dialect).result_processor(dialect, None)
+                         for column in columns))
+
+    def row(self, values: Iterable[Any]) -> Any:
+        return self.row_type._make(value if process is None else process(value)
+                                   for process, value in zip(self.processors, values,
+                                                             strict=True))
+
+
+@contextmanager
+def _driver_errors(connection: sa.Connection, sql: str, parameters: Any) -> Iterator[None]:
+    """Errors from the driver, raised as SQLAlchemy's (as from `execute_in_autocommit`); a
+    lost connection is invalidated."""
     dialect = connection.dialect
-    driver = connection.connection.driver_connection
-    assert driver is not None
     try:
-        with driver.cursor() as cursor:
-            cursor.execute(statement.sql, parameters)
-            return max(cursor.rowcount, 0)
+        yield
     except dialect.loaded_dbapi.Error as exc:
         lost = dialect.is_disconnect(exc, connection.connection.dbapi_connection, None)
         if lost:
             connection.invalidate(exc)
         raise sa.exc.DBAPIError.instance(
-            statement.sql, parameters, exc, dialect.loaded_dbapi.Error,
-            connection_invalidated=lost, dialect=dialect) from exc
+            sql, parameters, exc, dialect.loaded_dbapi.Error, connection_invalidated=lost,
+            dialect=dialect) from exc
+
+
+def _driver_in_transaction(connection: sa.Connection) -> Any:
+    """The driver's connection under `connection`, which is in a transaction: begun here
+    if need be, as a Core execution would (autobegin), so that the connection's commit and
+    rollback apply to what runs on the driver's cursor."""
+    if not connection.in_transaction():
+        connection.begin()
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    return driver
+
+
+def execute_in_transaction(connection: sa.Connection, statement: DriverStatement,
+                           values: Mapping[str, Any]) -> int:
+    """Run `statement` on the driver's own cursor of `connection`, in the connection's
+    transaction (`_driver_in_transaction`). Answers the rows it touched."""
+    parameters = statement.parameters(values)
+    driver = _driver_in_transaction(connection)
+    with _driver_errors(connection, statement.sql, parameters), driver.cursor() as cursor:
+        cursor.execute(statement.sql, parameters)
+        return max(cursor.rowcount, 0)
+
+
+def fetch_one_in_transaction(connection: sa.Connection, query: DriverQuery,
+                             values: Mapping[str, Any]) -> Any:
+    """`query`'s first row (a named tuple, `DriverQuery.row`) or None, read as
+    `execute_in_transaction` runs a statement."""
+    parameters = query.statement.parameters(values)
+    driver = _driver_in_transaction(connection)
+    with _driver_errors(connection, query.statement.sql, parameters), driver.cursor() as cursor:
+        cursor.execute(query.statement.sql, parameters)
+        found = cursor.fetchone()
+    return None if found is None else query.row(found)
 
 
 def rowcount(result: Any) -> int:

@@ -27,10 +27,12 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from domain import deliveries, events, matching, outbox
 from domain.db import (
+    DriverQuery,
     DriverStatement,
     UTCDateTime,
     UuidList,
     execute_in_transaction,
+    fetch_one_in_transaction,
     rowcount,
 )
 from domain.filters import compile_stored_filter
@@ -349,6 +351,19 @@ def _read_update_statement() -> sa.Select[Any]:
 _READ_UPDATE = _read_update_statement()
 
 
+@lru_cache(maxsize=4)
+def _read_query(dialect: sa.Dialect) -> DriverQuery:
+    return DriverQuery.compile(_READ_UPDATE, dialect)
+
+
+def _read(connection: sa.Connection, update_id: uuid.UUID) -> Any:
+    """`_READ_UPDATE`'s row, or None; on PostgreSQL on the driver's cursor (see `_write`)."""
+    if connection.dialect.name == "postgresql":
+        return fetch_one_in_transaction(connection, _read_query(connection.dialect),
+                                        {"update_id": update_id})
+    return connection.execute(_READ_UPDATE, {"update_id": update_id}).one_or_none()
+
+
 def _ids(values: list[Any] | None) -> frozenset[uuid.UUID]:
     """Ids from a `json_list`: text with dashes (PostgreSQL) or bare hex (SQLite)."""
     return frozenset(uuid.UUID(str(v)) for v in values or ())
@@ -559,7 +574,7 @@ def _refresh_loaded(session: Session, row: Any, **routed: Any) -> None:
     if update is not None:
         for column in _UPDATES.c:
             set_committed_value(update, column.key,
-                                routed.get(column.key, row._mapping[column.key]))
+                                routed.get(column.key, getattr(row, column.key)))
 
 
 def route_update(session: Session, update_id: uuid.UUID,
@@ -599,7 +614,7 @@ def _route(session: Session, update_id: uuid.UUID, outbox_id: int | None, *,
         session.flush()  # as the ORM read of the update that opened this used to
     connection = session.connection()
     dialect = connection.dialect.name
-    row = connection.execute(_READ_UPDATE, {"update_id": update_id}).one_or_none()
+    row = _read(connection, update_id)
     if row is None:
         _finish(session, outbox_id)
         return RoutingResult(update_id, 0)

@@ -12,7 +12,15 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from domain.db import DriverStatement, UTCDateTime, execute_in_autocommit, make_engine
+from domain.db import (
+    DriverQuery,
+    DriverStatement,
+    UTCDateTime,
+    execute_in_autocommit,
+    execute_in_transaction,
+    fetch_one_in_transaction,
+    make_engine,
+)
 from domain.models import Priority
 
 
@@ -147,4 +155,48 @@ def test_a_driver_statement_without_a_database_raises_sqlalchemys_operational_er
             execute_in_autocommit(engine, DriverStatement.compile(sa.text("SELECT 1"),
                                                                   engine.dialect), {})
     finally:
+        engine.dispose()
+
+
+# ------------------------------------------------------- the driver's cursor, in a transaction
+
+
+def test_driver_statements_in_a_transaction_commit_and_roll_back_with_it(
+        migrated_database: str) -> None:
+    """`execute_in_transaction` writes in the connection's own transaction (kept on commit,
+    gone on rollback); values written into the statement go in as Core would send them;
+    `fetch_one_in_transaction` gives rows as a Core execution would (each type's result
+    processing), or None."""
+    engine = make_engine(migrated_database, pool_size=1, max_overflow=0)
+    table = sa.Table("driver_transaction_probe", sa.MetaData(),
+                     sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("at", UTCDateTime()),
+                     sa.Column("level", sa.Enum(Priority, native_enum=False)))
+    insert = DriverStatement.compile(
+        sa.insert(table).values(id=sa.bindparam("id"), at=sa.bindparam("at", type_=UTCDateTime()),
+                                level=Priority.urgent),  # a value in the statement itself
+        engine.dialect)
+    assert set(insert.parameters({"id": 1, "at": None})) == {"id", "at", "level"}
+    read = DriverQuery.compile(
+        sa.select(table.c.at, table.c.level, (table.c.id * 10).label("tenfold"))
+        .where(table.c.id == sa.bindparam("id")), engine.dialect)
+    at = datetime(2026, 11, 29, 18, 0, tzinfo=timezone(timedelta(hours=1)))
+    try:
+        table.create(engine)
+        with engine.connect() as conn:
+            assert execute_in_transaction(conn, insert, {"id": 1, "at": at}) == 1
+            conn.rollback()
+            assert execute_in_transaction(conn, insert, {"id": 2, "at": at}) == 1
+            row = fetch_one_in_transaction(conn, read, {"id": 2})
+            assert fetch_one_in_transaction(conn, read, {"id": 1}) is None  # rolled back
+            conn.commit()
+            with pytest.raises(sa.exc.IntegrityError):  # the driver's error, as SQLAlchemy's
+                execute_in_transaction(conn, insert, {"id": 2, "at": at})
+            conn.rollback()
+        assert row.at == at and row.at.tzinfo == UTC
+        assert row.level is Priority.urgent and row.tenfold == 20
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(table.c.id)).scalars().all() == [2]
+    finally:
+        table.drop(engine, checkfirst=True)
         engine.dispose()
