@@ -43,11 +43,13 @@ COPY_CHUNK = 50_000
 
 
 def runs_for(n: int, quick: bool) -> int:
-    """Counted runs per side. More at the small sizes, where a run takes milliseconds and
-    a stray scheduling delay of a fraction of one moves a median of five."""
+    """Counted runs per side. Many at the small sizes, where a run takes milliseconds and a
+    stray scheduling delay of a fraction of one moves the median: on this shared 2-core
+    machine, medians of 15 runs at N = 1,000 still differed by a tenth of the ratio from
+    one run of the suite to the next."""
     if quick:
         return 3
-    return 3 if n >= 1_000_000 else 15 if n <= 10_000 else 5
+    return 3 if n >= 1_000_000 else 41 if n <= 10_000 else 5
 
 
 def warm_up_runs(n: int, quick: bool) -> int:

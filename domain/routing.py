@@ -470,13 +470,15 @@ def _insert(dialect: str) -> Any:
 def _inbox_insert(dialect: str, shape: Shape, fresh_chain: bool) -> Any:
     """INSERT … SELECT of the inbox rows: plain for a chain's first routing, else an upsert.
     Parameters: `Plan.params` and chain, needs_ack, now."""
-    grouped = _grouped(dialect, shape).subquery("grouped")
+    # The grouped select itself, with the constant columns added: as a subquery it cost
+    # one more node, projecting every row once more.
+    grouped = _grouped(dialect, shape)
+    org, *reasons = grouped.selected_columns
     insert = _insert(dialect)(_INBOX).from_select(
         ["chain_id", "organisation_id", "update_id", *REASON_COLUMNS, "needs_ack",
          "received_at", "delivered_at"],
-        sa.select(_CHAIN_ID, grouped.c.org, _UPDATE_ID,
-                  *(grouped.c[column] for column in REASON_COLUMNS),
-                  sa.bindparam("needs_ack", type_=sa.Boolean), _NOW, _NOW)
+        grouped.with_only_columns(_CHAIN_ID, org, _UPDATE_ID, *reasons,
+                                  sa.bindparam("needs_ack", type_=sa.Boolean), _NOW, _NOW)
         # SQLite needs a WHERE here to tell the upsert's ON CONFLICT from a join condition.
         .where(sa.true()),
     )
