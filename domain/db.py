@@ -193,7 +193,7 @@ def autocommit_engine(session: Session) -> Engine | None:
 @dataclass(frozen=True)
 class DriverStatement:
     """A Core statement compiled once for a dialect, to run on the driver's own connection
-    (`execute_in_autocommit`).
+    (`execute_in_autocommit`, `execute_in_transaction`).
 
     For the hottest statements (a publish, routing's writes): SQLAlchemy's execution layer
     (execution context, result wrapping, the connection's transaction bookkeeping) costs
@@ -217,8 +217,8 @@ class DriverStatement:
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
                 processors[name] = processor
-            if bind.value is not None:
-                defaults[name] = bind.value
+            if not bind.required:  # a value written into the statement, None included
+                defaults[name] = bind.effective_value
         return cls(compiled.string, processors, defaults)
 
     def parameters(self, values: Mapping[str, Any]) -> dict[str, Any]:
