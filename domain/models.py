@@ -383,7 +383,7 @@ class Reasons:
     that). Routing writes them for every recipient in one INSERT … SELECT, where an array
     of ids is what the database builds cheapest: with the reasons as JSON text, that INSERT
     of 1,000 recipients took 2.5 ms more than a bare INSERT … SELECT of the same rows (6.4
-    ms); with arrays, 1.6 ms more (pgbench, docs/benchmarks.md P1)."""
+    ms); with arrays, 1.6 ms more (pgbench on P1's database, 2026-11-30)."""
 
     #: The recipient's subscriptions whose filter matched.
     subscription_ids: Mapped[list[uuid.UUID]] = mapped_column(UuidList, default=list)
