@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from domain.models import Classification, InboxItem, Subscription, Update, reason_list
+from domain.models import Classification, Subscription, Update
 from domain.settings import get_settings
 
 
@@ -33,10 +33,6 @@ def update_out(update: Update, *, full: bool = True,
             for v in versions],
         "notice": withhold,
     }
-
-
-def reasons_out(item: InboxItem) -> list[dict[str, str]]:
-    return reason_list(item.subscription_ids, item.rule_ids, item.via_audience, item.update_id)
 
 
 def subscription_out(sub: Subscription) -> dict[str, Any]:

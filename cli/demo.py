@@ -32,7 +32,6 @@ from domain.models import (
     RoutingRule,
     Subscription,
     Update,
-    reason_list,
 )
 from domain.settings import get_settings
 
@@ -124,8 +123,7 @@ def _wait_for_routing(update_ids: list[uuid.UUID]) -> None:
 
 def _describe_reasons(session: Session, item: InboxItem) -> str:
     parts = []
-    for reason in reason_list(item.subscription_ids, item.rule_ids, item.via_audience,
-                              item.update_id):
+    for reason in item.reasons():
         source = uuid.UUID(reason["id"])
         if reason["kind"] == "subscription":
             sub = session.get(Subscription, source)

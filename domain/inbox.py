@@ -22,7 +22,6 @@ from domain.models import (
     Priority,
     Update,
     UpdateTopic,
-    reason_list,
 )
 from domain.pagination import (
     clamp_limit,
@@ -187,8 +186,6 @@ def reach(session: Session, actor: audit.Actor, update_id: uuid.UUID, cursor: st
     rows = session.execute(stmt.order_by(InboxItem.organisation_id).limit(size + 1)).all()
     next_cursor = encode_cursor(rows[size - 1][0].organisation_id) if len(rows) > size else None
     return Reach(
-        rows=[ReachRow(i.organisation_id, name, i.update_id,
-                       reason_list(i.subscription_ids, i.rule_ids, i.via_audience, i.update_id),
-                       i.delivered_at,
+        rows=[ReachRow(i.organisation_id, name, i.update_id, i.reasons(), i.delivered_at,
                        i.read_at, i.acked_at, i.needs_ack) for i, name in rows[:size]],
         totals=totals, next_cursor=next_cursor)

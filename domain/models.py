@@ -392,6 +392,12 @@ class Reasons:
     #: Reached as one of a restricted update's audience (the reason's id is the update's).
     via_audience: Mapped[bool] = mapped_column(sa.Boolean, default=False)
 
+    def reasons(self) -> list[dict[str, str]]:
+        """The contract's `reasons` of this row (`reason_list`; the audience reason's id is
+        the row's `update_id`, which every class with these columns has)."""
+        update_id: uuid.UUID = self.update_id  # type: ignore[attr-defined]
+        return reason_list(self.subscription_ids, self.rule_ids, self.via_audience, update_id)
+
 
 def reason_list(subscription_ids: list[uuid.UUID], rule_ids: list[uuid.UUID],
                 via_audience: bool, update_id: uuid.UUID | None) -> list[dict[str, str]]:

@@ -18,7 +18,6 @@ from domain.models import (
     Priority,
     Role,
     UpdateTopic,
-    reason_list,
 )
 from tests.factories import (
     create_group_with,
@@ -32,9 +31,7 @@ from tests.factories import (
 
 def inbox_of(session, update):
     items = session.scalars(sa.select(InboxItem).where(InboxItem.chain_id == update.chain_id))
-    return {item.organisation_id: reason_list(item.subscription_ids, item.rule_ids,
-                                              item.via_audience, item.update_id)
-            for item in items}
+    return {item.organisation_id: item.reasons() for item in items}
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from api.deps import SessionDep, SubscriberDep
 from api.ids import in_utc_range, parse_id
 from api.problems import responses
-from api.render import reasons_out, update_out
+from api.render import update_out
 from api.schemas import InboxItemOut, ListOf
 from domain import inbox
 from domain.errors import InvalidInput
@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1/inbox", tags=["inbox"], responses=responses(404))
 def item_out(entry: inbox.InboxEntry, *, full: bool) -> dict[str, Any]:
     item = entry.item
     return {"id": str(item.chain_id), "update": update_out(entry.update, full=full),
-            "reasons": reasons_out(item), "received_at": item.received_at,
+            "reasons": item.reasons(), "received_at": item.received_at,
             "delivered_at": item.delivered_at, "read_at": item.read_at,
             "acked_at": item.acked_at, "needs_ack": item.needs_ack}
 
